@@ -1,0 +1,123 @@
+"""EngramLayer: gate gathered N-gram memory rows with the hidden state and add a short conv.
+
+Parameter names equal those of DeepSeek's reference `Engram` module (minus the
+table), so reference state dicts load as they are. The layer never holds the
+table: rows arrive already gathered (from offload/), which keeps a multi-GB table
+out of the module and lets it live in host memory or on disk.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .engram_config import EngramConfig
+
+# The reference builds the gate's RMSNorms with eps=None (torch's default, finfo(dtype).eps)
+# and the short conv's with 1e-5; both are part of the numerics the golden vectors pin down.
+_GATE_NORM_EPS = None
+_CONV_NORM_EPS = 1e-5
+
+
+class ShortConv(nn.Module):
+    """Per-branch RMSNorm, depthwise causal dilated Conv1d (no bias), SiLU.
+
+    With `state` ([B, (kernel_size-1)*dilation, hc*D], the previous positions' conv
+    inputs, zeros at sequence start) the conv continues where the last call stopped,
+    so decoding one token at a time reproduces a full-sequence forward.
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int, dilation: int, hc_mult: int):
+        super().__init__()
+        self.hc_mult = hc_mult
+        self.dilation = dilation
+        channels = hidden_size * hc_mult
+        self.context = (kernel_size - 1) * dilation
+        # padding=0: causality comes from the explicit left context (zeros or state) in forward.
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
+        self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=_CONV_NORM_EPS) for _ in range(hc_mult))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, hc, D] -> [B, T, hc, D]; updates `state` in place when given."""
+        b, t, g, d = x.shape
+        normed = torch.cat([self.norms[i](x[:, :, i]) for i in range(g)], dim=-1)  # [B, T, hc*D]
+        if state is None:
+            left = normed.new_zeros(b, self.context, g * d)
+        else:
+            if state.shape != (b, self.context, g * d):
+                raise ValueError(f"conv_state must have shape {(b, self.context, g * d)}, got {tuple(state.shape)}")
+            left = state.to(normed.dtype)
+        full = torch.cat([left, normed], dim=1)  # [B, context + T, C]
+        if state is not None:
+            state.copy_(full[:, -self.context:])
+        y = F.conv1d(full.transpose(1, 2), self.conv.weight, dilation=self.dilation, groups=g * d)
+        return F.silu(y).transpose(1, 2).reshape(b, t, g, d)
+
+
+class EngramLayer(nn.Module):
+    """One Engram layer's dense part: key/value projections, gate norms, short conv."""
+
+    def __init__(self, cfg: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1):
+        super().__init__()
+        if layer_id not in cfg.layer_ids:
+            raise ValueError(f"EngramLayer: layer_id {layer_id} is not in EngramConfig.layer_ids {cfg.layer_ids}")
+        self.cfg = cfg
+        self.layer_id = layer_id
+        self.hidden_size = hidden_size
+        self.hc_mult = hc_mult
+        self.value_proj = nn.Linear(cfg.engram_dim, hidden_size)
+        self.key_projs = nn.ModuleList(nn.Linear(cfg.engram_dim, hidden_size) for _ in range(hc_mult))
+        self.norm1 = nn.ModuleList(nn.RMSNorm(hidden_size, eps=_GATE_NORM_EPS) for _ in range(hc_mult))
+        self.norm2 = nn.ModuleList(nn.RMSNorm(hidden_size, eps=_GATE_NORM_EPS) for _ in range(hc_mult))
+        self.short_conv = ShortConv(hidden_size, cfg.kernel_size, cfg.max_ngram_size, hc_mult)
+        self.last_gate: torch.Tensor | None = None
+
+    def new_conv_state(self, batch_size: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> torch.Tensor:
+        """Zeros [B, (kernel_size-1)*max_ngram_size, hc*D]: the conv state of fresh sequences."""
+        w = self.short_conv.conv.weight
+        return torch.zeros(batch_size, self.cfg.conv_state_len, self.hc_mult * self.hidden_size,
+                           dtype=dtype or w.dtype, device=device or w.device)
+
+    def forward(self, hidden_states: torch.Tensor, embeddings: torch.Tensor,
+                conv_state: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states [B, T, hc, D], embeddings [B, T, heads_total, head_dim] (gathered rows)
+        -> [B, T, hc, D], the Engram output before the residual add."""
+        b, t, g, d = hidden_states.shape
+        if g != self.hc_mult or d != self.hidden_size:
+            raise ValueError(f"EngramLayer {self.layer_id}: hidden_states must be [B, T, {self.hc_mult}, "
+                             f"{self.hidden_size}], got {tuple(hidden_states.shape)}")
+        expected = (b, t, self.cfg.heads_total, self.cfg.head_dim)
+        if tuple(embeddings.shape) != expected:
+            raise ValueError(f"EngramLayer {self.layer_id}: embeddings must be {list(expected)}, "
+                             f"got {list(embeddings.shape)}")
+        emb = embeddings.flatten(start_dim=-2).to(hidden_states.dtype)
+        gates = []
+        for i in range(g):
+            key = self.norm1[i](self.key_projs[i](emb))
+            query = self.norm2[i](hidden_states[:, :, i])
+            score = (key * query).sum(dim=-1) / math.sqrt(d)
+            # Signed square root tames large dot products before the sigmoid (reference).
+            score = score.abs().clamp_min(1e-6).sqrt() * score.sign()
+            gates.append(score.sigmoid())
+        gate = torch.stack(gates, dim=2)  # [B, T, hc]
+        self.last_gate = gate.detach()
+        value = gate.unsqueeze(-1) * self.value_proj(emb).unsqueeze(2)  # [B, T, hc, D]
+        return value + self.short_conv(value, conv_state)
+
+    def load_reference_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load a reference `Engram` state dict; its table ('multi_head_embedding.*') is skipped."""
+        dense = {k: v for k, v in sd.items() if not k.startswith("multi_head_embedding.")}
+        own = self.state_dict()
+        missing = sorted(set(own) - set(dense))
+        unexpected = sorted(set(dense) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"EngramLayer {self.layer_id}: state dict mismatch; missing {missing}, "
+                             f"unexpected {unexpected}")
+        for k, v in dense.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"EngramLayer {self.layer_id}: '{k}' has shape {list(v.shape)}, "
+                                 f"expected {list(own[k].shape)}")
+        self.load_state_dict(dense)

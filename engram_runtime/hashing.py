@@ -1,0 +1,141 @@
+"""NgramHasher: token ids -> Engram table row ids, bit-exact with DeepSeek's reference.
+
+Row ids depend on token ids alone (no hidden state), which is what lets the
+offload layer fetch rows before the backbone reaches the Engram layer. The
+arithmetic (odd multipliers, int64 wrap-around, XOR mix, modulo a per-head prime)
+must match the reference bit for bit, or checkpoints trained with the reference
+layout read the wrong rows. Everything is vectorised over batch, positions,
+layers and heads; the only Python loops run over the N-gram order.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .compression import CompressedTokenizer
+from .engram_config import EngramConfig
+
+# Seeds of the per-layer multiplier generators are spread by this prime (reference value).
+_LAYER_SEED_STRIDE = 10007
+# Deterministic Miller-Rabin witnesses: correct for every n < 3.3e24, far beyond any table size.
+_MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic primality test for table sizes (avoids a sympy dependency)."""
+    if n < 2:
+        return False
+    for p in _MR_BASES:
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for a in _MR_BASES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def table_sizes_for(cfg: EngramConfig) -> dict[int, list[list[int]]]:
+    """Per layer, per order 2..N, per head: the head's prime table size.
+
+    Needs only the config (not the tokenizer), so a checkpoint's table shapes can be
+    validated before the tokenizer is loaded. Primes are searched upward from
+    engram_vocab_size[n-2], each head starting after the previous head's prime, and
+    a prime is never reused anywhere (layers are visited in config order).
+    """
+    used: set[int] = set()
+    sizes: dict[int, list[list[int]]] = {}
+    for layer_id in cfg.layer_ids:
+        per_order = []
+        for order in range(2, cfg.max_ngram_size + 1):
+            candidate = cfg.engram_vocab_size[order - 2]
+            heads = []
+            for _ in range(cfg.n_head_per_ngram):
+                while candidate in used or not is_prime(candidate):
+                    candidate += 1
+                used.add(candidate)
+                heads.append(candidate)
+                candidate += 1
+            per_order.append(heads)
+        sizes[layer_id] = per_order
+    return sizes
+
+
+def head_offsets_for(table_sizes: list[list[int]]) -> np.ndarray:
+    """Exclusive cumulative sum of one layer's flattened head sizes: each head's first row in the table file."""
+    flat = np.array([p for heads in table_sizes for p in heads], dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(flat)[:-1]]).astype(np.int64)
+
+
+class NgramHasher:
+    """Hashes raw token ids into within-head row ids for every Engram layer.
+
+    Attributes (per layer id): table_sizes (primes, [order][head]), multipliers
+    (np.int64 [max_ngram_size]), head_offsets (np.int64 [heads_total]), num_rows.
+    """
+
+    def __init__(self, cfg: EngramConfig, ct: CompressedTokenizer):
+        self.cfg = cfg
+        self.ct = ct
+        if not 0 <= cfg.pad_id < ct.vocab_size:
+            raise ValueError(f"EngramConfig.pad_id {cfg.pad_id} is outside the tokenizer vocabulary ({ct.vocab_size})")
+        # Padding before the sequence start uses the *compressed* pad id, as the reference does.
+        self.compressed_pad_id = int(ct.lookup_table[cfg.pad_id])
+        half_bound = max(1, (np.iinfo(np.int64).max // len(ct)) // 2)
+        self.multipliers: dict[int, np.ndarray] = {}
+        for layer_id in cfg.layer_ids:
+            rng = np.random.default_rng(int(cfg.seed + _LAYER_SEED_STRIDE * layer_id))
+            r = rng.integers(low=0, high=half_bound, size=(cfg.max_ngram_size,), dtype=np.int64)
+            self.multipliers[layer_id] = r * 2 + 1
+        self.table_sizes = table_sizes_for(cfg)
+        self.head_offsets = {lid: head_offsets_for(s) for lid, s in self.table_sizes.items()}
+        self.num_rows = {lid: int(sum(map(sum, s))) for lid, s in self.table_sizes.items()}
+        # Stacked forms for the vectorised kernel: [L, N] multipliers, [L, N-1, H] primes.
+        self._mult = np.stack([self.multipliers[lid] for lid in cfg.layer_ids])
+        self._primes = np.array([self.table_sizes[lid] for lid in cfg.layer_ids], dtype=np.int64)
+
+    def _rows(self, shifted: np.ndarray) -> dict[int, np.ndarray]:
+        """shifted[k] holds the compressed id k positions back ([N, B, T]) -> {layer: [B, T, heads_total]}."""
+        n_layers, n_orders, n_heads = self._primes.shape
+        # [L, N, B, T]; int64 products wrap around exactly like the reference's numpy arithmetic.
+        products = shifted[None, :, :, :] * self._mult[:, :, None, None]
+        mix = np.bitwise_xor.accumulate(products, axis=1)[:, 1:]  # orders 2..N: [L, N-1, B, T]
+        rows = mix[..., None] % self._primes[:, :, None, None, :]  # [L, N-1, B, T, H]
+        _, _, b, t, _ = rows.shape
+        rows = rows.transpose(0, 2, 3, 1, 4).reshape(n_layers, b, t, n_orders * n_heads)
+        return {lid: rows[i] for i, lid in enumerate(self.cfg.layer_ids)}
+
+    def hash(self, token_ids) -> dict[int, np.ndarray]:
+        """Raw ids [B, T] -> {layer_id: np.int64 [B, T, heads_total]} row ids within each head."""
+        ids = np.asarray(token_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"NgramHasher.hash expects token ids of shape [B, T], got {ids.shape}")
+        c = self.ct(ids)
+        n = self.cfg.max_ngram_size
+        b, t = c.shape
+        padded = np.concatenate([np.full((b, n - 1), self.compressed_pad_id, dtype=np.int64), c], axis=1)
+        shifted = np.stack([padded[:, n - 1 - k: n - 1 - k + t] for k in range(n)])
+        return self._rows(shifted)
+
+    def hash_windows(self, windows) -> dict[int, np.ndarray]:
+        """Raw ids [B, max_ngram_size] (each sequence's newest tokens, left-padded with cfg.pad_id)
+        -> {layer_id: np.int64 [B, heads_total]}: the rows of each window's last position.
+
+        This is a decode step's whole hashing work; it equals hash() on the full
+        sequence at that position because raw pad_id compresses to the reference's pad.
+        """
+        w = np.asarray(windows)
+        n = self.cfg.max_ngram_size
+        if w.ndim != 2 or w.shape[1] != n:
+            raise ValueError(f"NgramHasher.hash_windows expects windows of shape [B, {n}], got {w.shape}")
+        c = self.ct(w)
+        shifted = np.ascontiguousarray(c[:, ::-1].T)[:, :, None]  # [N, B, 1]: shifted[k] = k back
+        return {lid: r[:, 0] for lid, r in self._rows(shifted).items()}
