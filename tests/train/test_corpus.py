@@ -1,0 +1,102 @@
+"""Corpus discovery, by-file split and tokenization: deterministic, and clear errors."""
+import json
+
+import numpy as np
+import pytest
+
+from train.batches import WindowSchedule, eval_windows
+from train.corpus import CorpusError, discover, explicit_keys, read_documents, split_files, tokenize_files
+
+
+def _encode(texts):
+    return [[ord(c) % 100 + 3 for c in t] for t in texts]
+
+
+def _tree(tmp_path, n=20):
+    root = tmp_path / "src"
+    (root / "pkg").mkdir(parents=True)
+    for i in range(n):
+        (root / "pkg" / f"m{i}.py").write_text(f"def f{i}():\n    return {i}\n")
+    (root / "notes.md").write_text("# notes\nhello\n")
+    (root / "image.png").write_bytes(b"\x89PNG\x00")   # unsupported suffix: ignored in folders
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "x.py").write_text("ignored")
+    return root
+
+
+def test_discover_and_split_are_deterministic_and_by_file(tmp_path):
+    root = _tree(tmp_path)
+    files = discover([root])
+    keys = [f.key for f in files]
+    assert keys == sorted(keys) and len(keys) == 21
+    assert all(k.startswith("src/") for k in keys) and not any("__pycache__" in k for k in keys)
+    s1 = split_files(files, 0.2)
+    s2 = split_files(discover([str(root)]), 0.2)
+    assert [f.key for f in s1.heldout] == [f.key for f in s2.heldout]
+    assert set(f.key for f in s1.train).isdisjoint(f.key for f in s1.heldout)
+    assert len(s1.train) + len(s1.heldout) == 21 and s1.heldout and s1.train
+    # adding a file never moves an existing one across the split
+    (root / "pkg" / "new.py").write_text("x = 1\n")
+    s3 = split_files(discover([root]), 0.2)
+    assert {f.key for f in s1.heldout} <= {f.key for f in s3.heldout}
+    s1.write(tmp_path / "split.json")
+    assert json.loads((tmp_path / "split.json").read_text())["heldout"] == [f.key for f in s1.heldout]
+
+
+def test_missing_and_unsupported_paths_are_clear_errors(tmp_path):
+    with pytest.raises(CorpusError, match="does not exist: .*nowhere"):
+        discover([tmp_path / "nowhere"])
+    (tmp_path / "a.bin").write_bytes(b"\x00\x01")
+    with pytest.raises(CorpusError, match="unsupported corpus file type '.bin'"):
+        discover([tmp_path / "a.bin"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorpusError, match="no usable corpus files"):
+        discover([tmp_path / "empty"])
+    only = tmp_path / "only.txt"
+    only.write_text("x")
+    with pytest.raises(CorpusError, match="at least 2"):
+        split_files(discover([only]), 0.1)
+
+
+def test_corrupted_files(tmp_path):
+    bad_utf8 = tmp_path / "bad.txt"
+    bad_utf8.write_bytes(b"ok \xff\xfe broken")
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "fine"}\n{"text": 3}\n')
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text('{"text": "fine"}\n{"text": "cut')
+    (f_utf8,) = discover([bad_utf8])
+    with pytest.raises(CorpusError, match=r"not UTF-8 text: .*bad.txt"):
+        read_documents(f_utf8)
+    assert read_documents(f_utf8, strict=False) is None      # met while walking a folder: skipped
+    with pytest.raises(CorpusError, match=r"bad.jsonl:2: .*'text' field"):
+        read_documents(discover([bad_jsonl])[0])
+    with pytest.raises(CorpusError, match=r"torn.jsonl:2: invalid JSON"):
+        read_documents(discover([torn])[0])
+
+
+def test_tokenize_jsonl_and_skip_undecodable_in_folders(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.jsonl").write_text('{"text": "ab"}\n\n{"text": "c", "meta": 1}\n')
+    (d / "b.txt").write_bytes(b"\xff\xff")
+    (d / "c.txt").write_text("xyz")
+    files = discover([d])
+    skipped = []
+    stream = tokenize_files(files, _encode, eos_id=2, explicit=explicit_keys([d]), skipped=skipped)
+    assert skipped == ["d/b.txt"]
+    assert stream.tolist() == [ord("a") % 100 + 3, ord("b") % 100 + 3, 2, ord("c") % 100 + 3, 2,
+                               *(ord(c) % 100 + 3 for c in "xyz"), 2]
+    with pytest.raises(CorpusError, match="not UTF-8"):
+        tokenize_files(discover([d / "b.txt"]), _encode, 2, explicit=explicit_keys([d / "b.txt"]))
+
+
+def test_window_schedule_is_a_pure_function_of_the_step():
+    stream = np.arange(1000, dtype=np.int32)
+    a = WindowSchedule(stream, seq_len=10, batch_size=4, seed=3)
+    b = WindowSchedule(stream, seq_len=10, batch_size=4, seed=3)
+    seen = np.concatenate([a.batch(s)[:, 0] for s in range(25)])       # exactly one epoch
+    assert sorted(seen.tolist()) == list(range(0, 1000, 10))
+    assert np.array_equal(a.batch(30), b.batch(30)) and np.array_equal(a.batch(7), b.batch(7))
+    assert not np.array_equal(a.batch(0), a.batch(25))                  # a new permutation per epoch
+    assert eval_windows(stream, 100, 250).shape == (2, 100)
