@@ -1,0 +1,62 @@
+"""PNG plots of a comparison, readable at a glance.
+
+Throughput: one bar per variant at the median ratio to the base, whiskers from
+the worst to the best round, a line at 1.0 (parity).  Latency: empirical CDFs
+of TTFT and inter-token latency pooled over rounds, one line per variant, so a
+shift of the whole distribution and a heavier tail are both visible.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a server
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def throughput_ratio_plot(comparison: dict, path: Path, key: str = "output_throughput") -> None:
+    summary = comparison["summary"]
+    names = list(summary)
+    med = np.array([summary[n]["ratio"][key]["median"] for n in names])
+    lo = med - np.array([summary[n]["ratio"][key]["min"] for n in names])
+    hi = np.array([summary[n]["ratio"][key]["max"] for n in names]) - med
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    bars = ax.bar(names, med, yerr=[lo, hi], capsize=6, color="tab:blue", alpha=0.8)
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    for bar, m in zip(bars, med):
+        ax.annotate(f"{m:.3f}", (bar.get_x() + bar.get_width() / 2, m),
+                    xytext=(0, 4), textcoords="offset points", ha="center", fontsize=9)
+    low = min(0.8, float((med - lo).min()) - 0.02)
+    ax.set_ylim(max(0.0, low), max(1.1, float((med + hi).max()) + 0.05))
+    ax.set_ylabel(f"{key} / {comparison['base']}")
+    ax.set_title(f"{key.replace('_', ' ')} relative to '{comparison['base']}' "
+                 f"(median, whiskers min-max over {comparison['rounds']} rounds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ecdf(ax, values_ms: list[float], label: str) -> None:
+    if not values_ms:
+        return
+    x = np.sort(np.asarray(values_ms))
+    ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post", label=label)
+
+
+def latency_plot(comparison: dict, path: Path) -> None:
+    fig, (ax_ttft, ax_itl) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, runs in comparison["runs"].items():
+        ok = [(r, i) for r in runs for i, err in enumerate(r["errors"]) if not err]
+        _ecdf(ax_ttft, [1000 * r["ttfts"][i] for r, i in ok], name)
+        _ecdf(ax_itl, [1000 * x for r, i in ok for x in r["itls"][i]], name)
+    for ax, title in ((ax_ttft, "time to first token"), (ax_itl, "inter-token latency")):
+        ax.set_xlabel("ms")
+        ax.set_ylabel("fraction of requests" if ax is ax_ttft else "fraction of tokens")
+        ax.set_title(f"{title} (CDF, all rounds)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
