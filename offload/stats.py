@@ -1,0 +1,120 @@
+"""Per-layer table statistics for the server's /metrics: counters, timings and exact utilisation.
+
+Counters are cumulative since start (Prometheus counters); timings are fed to observers as they
+happen (so the server can put them into histograms) and kept as a bounded window of recent
+observations for ``snapshot()`` percentiles. Utilisation is exact: one bit per table row, set
+when the row is first gathered. Writers are the prefetch worker and the engine thread, readers
+the metrics endpoint, so every update and the snapshot hold one lock; observers run outside it.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+Observer = Callable[[str, int, float], None]
+_WINDOW = 4096
+
+
+@dataclass
+class LayerStats:
+    """Cumulative statistics of one layer's table."""
+
+    num_rows: int
+    table_bytes: dict[str, int] = field(default_factory=dict)  # placement -> bytes ("cache" included)
+    lookups: int = 0
+    cache_hits: int = 0
+    rows_gathered: int = 0      # rows read from the table's own tier (cache misses, deduplicated)
+    bytes_gathered: int = 0
+    gathers: int = 0
+    gather_seconds_total: float = 0.0
+    waits: int = 0
+    wait_seconds_total: float = 0.0
+    rows_touched: int = 0
+    touched_bits: np.ndarray = field(init=False, repr=False)
+    recent_gather: deque = field(default_factory=lambda: deque(maxlen=_WINDOW), repr=False)
+    recent_wait: deque = field(default_factory=lambda: deque(maxlen=_WINDOW), repr=False)
+
+    def __post_init__(self) -> None:
+        self.touched_bits = np.zeros((self.num_rows + 7) // 8, dtype=np.uint8)
+
+    def touch(self, unique_rows: np.ndarray) -> None:
+        """Mark rows as used; `unique_rows` must not contain duplicates (so new bits count exactly)."""
+        byte_idx = unique_rows >> 3
+        masks = (np.uint8(1) << (unique_rows & 7).astype(np.uint8)).astype(np.uint8)
+        self.rows_touched += int(np.count_nonzero((self.touched_bits[byte_idx] & masks) == 0))
+        np.bitwise_or.at(self.touched_bits, byte_idx, masks)
+
+
+def _percentile(values: deque, q: float) -> float | None:
+    return float(np.percentile(np.fromiter(values, float), q)) if values else None
+
+
+class TableStats:
+    """Statistics of every table in a TableSet; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._layers: dict[int, LayerStats] = {}
+        self._observers: list[Observer] = []
+
+    def add_layer(self, layer_id: int, num_rows: int, table_bytes: dict[str, int]) -> None:
+        with self._lock:
+            self._layers[layer_id] = LayerStats(num_rows=num_rows, table_bytes=dict(table_bytes))
+
+    def add_observer(self, fn: Observer) -> None:
+        """fn(kind, layer_id, seconds) with kind in {"gather", "wait"}, called on every observation."""
+        with self._lock:
+            self._observers.append(fn)
+
+    def record_gather(self, layer_id: int, lookups: int, cache_hits: int, unique_rows: np.ndarray,
+                      rows_gathered: int, bytes_gathered: int, seconds: float) -> None:
+        with self._lock:
+            s = self._layers[layer_id]
+            s.lookups += lookups
+            s.cache_hits += cache_hits
+            s.rows_gathered += rows_gathered
+            s.bytes_gathered += bytes_gathered
+            s.gathers += 1
+            s.gather_seconds_total += seconds
+            s.recent_gather.append(seconds)
+            s.touch(unique_rows)
+            observers = list(self._observers)
+        for fn in observers:
+            fn("gather", layer_id, seconds)
+
+    def record_wait(self, layer_id: int, seconds: float) -> None:
+        with self._lock:
+            s = self._layers[layer_id]
+            s.waits += 1
+            s.wait_seconds_total += seconds
+            s.recent_wait.append(seconds)
+            observers = list(self._observers)
+        for fn in observers:
+            fn("wait", layer_id, seconds)
+
+    def snapshot(self) -> dict:
+        """{layer_id: {...counters, rows_touched_ratio, table_bytes, gather/wait p50/p99}} (a copy)."""
+        with self._lock:
+            return {layer_id: {
+                "num_rows": s.num_rows,
+                "table_bytes": dict(s.table_bytes),
+                "lookups": s.lookups,
+                "cache_hits": s.cache_hits,
+                "cache_hit_rate": s.cache_hits / s.lookups if s.lookups else 0.0,
+                "rows_gathered": s.rows_gathered,
+                "bytes_gathered": s.bytes_gathered,
+                "gathers": s.gathers,
+                "gather_seconds_total": s.gather_seconds_total,
+                "gather_seconds_p50": _percentile(s.recent_gather, 50),
+                "gather_seconds_p99": _percentile(s.recent_gather, 99),
+                "waits": s.waits,
+                "wait_seconds_total": s.wait_seconds_total,
+                "wait_seconds_p50": _percentile(s.recent_wait, 50),
+                "wait_seconds_p99": _percentile(s.recent_wait, 99),
+                "rows_touched": s.rows_touched,
+                "rows_touched_ratio": s.rows_touched / s.num_rows if s.num_rows else 0.0,
+            } for layer_id, s in self._layers.items()}

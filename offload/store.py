@@ -1,0 +1,217 @@
+"""Table store: where each Engram table lives (device | host | mmap) and how rows are gathered from it.
+
+- ``device``: the raw table is one tensor on the compute device (the in-process baseline).
+- ``host``: the raw table in host DRAM, page-locked on CUDA (see ``offload.device``). Loading
+  streams the file straight into the final buffer in chunks with a progress bar: never two copies.
+- ``mmap``: the safetensors file mapped read-only at its data offset (``numpy.memmap``, advised
+  MADV_RANDOM so a 128-byte row does not pull in readahead), so a table larger than RAM is served
+  through the page cache. A DRAM row cache usually sits in front of it.
+
+A gather deduplicates and sorts the step's rows (``np.unique``: sorted unique rows make the mmap
+tier read in file order, and each row is read once however many tokens share it), serves cache
+hits from the cache, reads the misses from the tier into a staging buffer with one
+``index_select`` / ``numpy.take`` (no per-row Python), moves them to the compute device, expands
+back to the requested order and dequantises there. Raw rows cross the slow link, not float32.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from offload.cache import CacheConfig, RowCache
+from offload.device import ComputeDevice
+from offload.stats import TableStats
+from offload.tablefile import TableFileError, TableHeader, check_table, map_rows, read_header
+
+PLACEMENTS = ("device", "host", "mmap")
+_LOAD_CHUNK = 64 << 20
+_STAGING_SLOTS = 2
+
+
+class EngramTable:
+    """One layer's table in one placement; ``gather(global row ids) -> [n, head_dim]`` compute dtype."""
+
+    def __init__(self, layer_id: int, header: TableHeader, placement: str, device: ComputeDevice,
+                 compute_dtype: torch.dtype, stats: TableStats, cache: CacheConfig | None = None,
+                 progress: bool = True):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown table placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        self.layer_id, self.header, self.placement = layer_id, header, placement
+        self.device, self.compute_dtype, self.stats = device, compute_dtype, stats
+        self.num_rows, self.head_dim, self.dtype = header.num_rows, header.head_dim, header.dtype
+        self._lock = threading.Lock()
+        self._staging: list[torch.Tensor | None] = [None] * _STAGING_SLOTS
+        self._staging_events = [None] * _STAGING_SLOTS
+        self._next_slot = 0
+        self._fd: int | None = None
+        if placement == "mmap":
+            self._rows_np = map_rows(header)
+            self._rows_np._mmap.madvise(mmap.MADV_RANDOM)
+            self._fd = os.open(header.path, os.O_RDONLY)
+            self._tier = None
+        else:
+            self._tier = self._load(progress)
+        self.cache = self._make_cache(cache)
+        table_bytes = {placement: header.file_nbytes - header.data_offset}
+        if self.cache is not None:
+            table_bytes["cache"] = self.cache.nbytes
+        stats.add_layer(layer_id, self.num_rows, table_bytes)
+
+    def _make_cache(self, cfg: CacheConfig | None) -> RowCache | None:
+        rows = cfg.capacity_rows(self.header.row_bytes) if cfg else 0
+        if rows <= 0:
+            return None
+        if self.placement == "device":
+            warnings.warn(f"layer {self.layer_id}: a row cache in front of a device table has nothing "
+                          "to speed up; ignoring cache size", RuntimeWarning, stacklevel=3)
+            return None
+        return RowCache(min(rows, self.num_rows), self.header.raw_row_elems, self.dtype.torch_raw,
+                        self.device.torch_device, cfg.ways)
+
+    def _load(self, progress: bool) -> torch.Tensor:
+        """Stream the file into its final buffer (host: pinned on CUDA; device: via a bounce buffer)."""
+        shape = (self.num_rows, self.header.raw_row_elems)
+        on_device = self.placement == "device" and self.device.is_cuda
+        dst = self.device.alloc(shape, self.dtype.torch_raw) if on_device else \
+            self.device.alloc_host(shape, self.dtype.torch_raw)
+        rows_per_chunk = max(1, _LOAD_CHUNK // self.header.row_bytes)
+        bounce = self.device.alloc_host((rows_per_chunk, shape[1]), self.dtype.torch_raw) if on_device else None
+        path = self.header.path
+        with open(path, "rb", buffering=0) as f, tqdm(total=self.num_rows * self.header.row_bytes, unit="B",
+                                                       unit_scale=True, desc=f"load {path.name}",
+                                                       disable=not progress) as bar:
+            f.seek(self.header.data_offset)
+            for start in range(0, self.num_rows, rows_per_chunk):
+                end = min(self.num_rows, start + rows_per_chunk)
+                target = bounce[: end - start] if on_device else dst[start:end]
+                view = memoryview(target.view(torch.uint8).numpy()).cast("B")
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise TableFileError(f"table file {path} ended early while loading row {start}")
+                    got += n
+                if on_device:
+                    dst[start:end].copy_(target)
+                bar.update(got)
+        return dst
+
+    def _check_file(self) -> None:
+        """mmap tier: fail clearly if the mapped file vanished or shrank (touching it would SIGBUS)."""
+        st = os.fstat(self._fd)
+        if st.st_nlink == 0:
+            raise TableFileError(f"table file {self.header.path} was deleted or replaced while mapped "
+                                 f"(layer {self.layer_id}, placement mmap)")
+        if st.st_size != self.header.file_nbytes:
+            raise TableFileError(f"table file {self.header.path} changed size while mapped: "
+                                 f"{st.st_size} bytes, expected {self.header.file_nbytes} (truncated?)")
+
+    def _stage(self, n: int) -> tuple[int, torch.Tensor]:
+        """A reusable host staging buffer of >= n rows whose previous contents were consumed."""
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % _STAGING_SLOTS
+        if self._staging_events[slot] is not None:
+            self._staging_events[slot].host_wait()
+        buf = self._staging[slot]
+        if buf is None or buf.shape[0] < n:
+            rows = 1 << max(8, (n - 1).bit_length())
+            buf = self._staging[slot] = self.device.alloc_host((rows, self.header.raw_row_elems),
+                                                               self.dtype.torch_raw)
+        return slot, buf[:n]
+
+    def _read_tier(self, rows: np.ndarray) -> tuple[int | None, torch.Tensor]:
+        """Raw rows (sorted, unique) from the table's own tier, on the compute device."""
+        if self.placement == "device" and self.device.is_cuda:
+            idx = torch.from_numpy(rows).to(self.device.torch_device)
+            return None, torch.index_select(self._tier, 0, idx)
+        slot, staging = self._stage(len(rows))
+        if self.placement == "mmap":
+            self._check_file()
+            np.take(self._rows_np, rows, axis=0, out=staging.view(torch.uint8).numpy()
+                    .view(self._rows_np.dtype).reshape(staging.shape))
+        else:
+            torch.index_select(self._tier, 0, torch.from_numpy(rows), out=staging)
+        return slot, self.device.to_device(staging)
+
+    def gather(self, row_ids: np.ndarray) -> torch.Tensor:
+        """GLOBAL row ids (any shape) -> [n, head_dim] in compute dtype on the compute device."""
+        rows = np.ascontiguousarray(row_ids, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"layer {self.layer_id}: row ids must be in [0, {self.num_rows}) for table "
+                             f"{self.header.path}, got [{rows.min()}, {rows.max()}]")
+        with self._lock:
+            t0 = time.perf_counter()
+            unique, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+            if self.cache is None:
+                slot, raw = self._read_tier(unique)
+                hits, missed = 0, unique
+            else:
+                hit, cache_slots = self.cache.lookup(unique, counts)
+                missed = unique[~hit]
+                slot, miss_raw = self._read_tier(missed)
+                raw = torch.empty((len(unique), self.header.raw_row_elems), dtype=self.dtype.torch_raw,
+                                  device=self.device.torch_device)
+                dev = self.device.torch_device
+                raw[torch.from_numpy(np.flatnonzero(~hit)).to(dev)] = miss_raw
+                raw[torch.from_numpy(np.flatnonzero(hit)).to(dev)] = \
+                    self.cache.data[torch.from_numpy(cache_slots[hit]).to(dev)]
+                self.cache.admit(missed, miss_raw)
+                hits = int(counts[hit].sum())
+            out = self.dtype.decode(raw[torch.from_numpy(inverse).to(raw.device)], self.compute_dtype)
+            if slot is not None:
+                event = self._staging_events[slot] = self.device.event()
+                event.record()
+            seconds = time.perf_counter() - t0
+        self.stats.record_gather(self.layer_id, lookups=int(rows.size), cache_hits=hits, unique_rows=unique,
+                                 rows_gathered=len(missed), bytes_gathered=len(missed) * self.header.row_bytes,
+                                 seconds=seconds)
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class TableSet:
+    """All Engram tables of a checkpoint, one placement, sharing one TableStats."""
+
+    def __init__(self, tables: dict[int, EngramTable], device: ComputeDevice, stats: TableStats):
+        self.tables, self.device, self.stats = tables, device, stats
+
+    @classmethod
+    def open(cls, ckpt_dir, tables_manifest: dict[str, dict], placement: str = "host", device="cpu",
+             compute_dtype: torch.dtype = torch.float32, cache_rows: int = 0, verify_hash: bool = False,
+             cache_bytes: int = 0, pin_memory: bool | None = None, progress: bool = True) -> "TableSet":
+        """Check every table file against its manifest entry (size always, sha256 if asked) and load it."""
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown table placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        compute_device = device if isinstance(device, ComputeDevice) else ComputeDevice(device, pin_memory)
+        stats = TableStats()
+        cache = CacheConfig(rows=cache_rows, bytes=cache_bytes)
+        tables: dict[int, EngramTable] = {}
+        for layer_id, entry in sorted(tables_manifest.items(), key=lambda kv: int(kv[0])):
+            path = Path(ckpt_dir) / entry["file"]
+            check_table(path, entry, verify_hash=verify_hash)
+            tables[int(layer_id)] = EngramTable(int(layer_id), read_header(path), placement, compute_device,
+                                                compute_dtype, stats, cache, progress)
+        return cls(tables, compute_device, stats)
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return sorted(self.tables)
+
+    def __getitem__(self, layer_id: int) -> EngramTable:
+        return self.tables[layer_id]
+
+    def close(self) -> None:
+        for table in self.tables.values():
+            table.close()
