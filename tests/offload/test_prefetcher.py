@@ -1,0 +1,94 @@
+"""Prefetcher: rows never cross steps or sequences; worker errors surface in wait()."""
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from offload.prefetch import PrefetchError, Prefetcher
+from offload.store import TableSet
+
+
+@pytest.mark.parametrize("placement,cache_rows", [("host", 0), ("mmap", 64)])
+def test_changing_batch_membership_never_returns_another_steps_rows(ckpt_factory, placement, cache_rows):
+    # every entry of row r is r, so each returned vector says which row it was
+    ckpt = ckpt_factory(row_id_values=True)
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement=placement, cache_rows=cache_rows, progress=False)
+    rng = np.random.default_rng(0)
+    heads = {layer: np.diff(np.r_[off, ckpt.values[layer].shape[0]]) for layer, off in ckpt.head_offsets.items()}
+    live: dict[int, int] = {}  # sequence id -> its private row seed
+    next_seq = 0
+    with Prefetcher(tables, ckpt.head_offsets) as prefetcher:
+        in_flight = []
+        for step in range(60):
+            for seq in [s for s in live if rng.random() < 0.3]:  # finish some
+                del live[seq]
+            for _ in range(rng.integers(0, 4)):                   # join some (prefill: several tokens)
+                live[next_seq] = next_seq
+                next_seq += 1
+            batch = [(seq, int(rng.integers(1, 6)) if step % 3 == 0 else 1) for seq in live]
+            rows = {layer: np.concatenate([(np.arange(n)[:, None] * 7 + seq * 31 + step + np.arange(len(h))) % h
+                                           for seq, n in batch] or [np.zeros((0, len(h)), np.int64)])
+                    for layer, h in heads.items()}
+            submitted = {layer: r.copy() for layer, r in rows.items()}
+            in_flight.append((submitted, prefetcher.submit(rows)))
+            for r in rows.values():
+                r[:] = 0                                          # the caller reuses its arrays at once
+            if len(in_flight) == 3:                               # keep two steps in flight
+                expected, ticket = in_flight.pop(0)
+                for layer in (1, 15):
+                    got = ticket.wait(layer)
+                    want = (expected[layer] + ckpt.head_offsets[layer]).astype(np.float32)
+                    assert got.shape == (*want.shape, 64)
+                    assert torch.equal(got[..., 0], torch.from_numpy(want))
+                    assert torch.equal(got, got[..., :1].expand_as(got))
+
+
+def test_worker_error_surfaces_in_wait_and_worker_survives(ckpt_factory):
+    ckpt = ckpt_factory(dtype="bfloat16")
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement="mmap", progress=False)
+    rows = {1: np.zeros((2, 4), np.int64), 15: np.ones((2, 4), np.int64)}
+    with Prefetcher(tables, ckpt.head_offsets) as prefetcher:
+        assert prefetcher.submit(rows).wait(15).shape == (2, 4, 64)
+        path = ckpt.path / ckpt.tables["15"]["file"]
+        os.unlink(path)
+        ticket = prefetcher.submit(rows)
+        assert ticket.wait(1).shape == (2, 4, 64)  # layer 1's file is still there
+        with pytest.raises(PrefetchError, match=f"layer 15.*{path} was deleted"):
+            ticket.wait(15)
+        assert prefetcher.worker_alive
+        assert threading.current_thread() is threading.main_thread()
+
+
+def test_truncated_while_mapped_is_a_clear_error_not_sigbus(ckpt_factory):
+    ckpt = ckpt_factory()
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement="mmap", progress=False)
+    path = ckpt.path / ckpt.tables["1"]["file"]
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    for enabled in (True, False):
+        with Prefetcher(tables, ckpt.head_offsets, enabled=enabled) as prefetcher:
+            ticket = prefetcher.submit({1: np.full((1, 4), 100, np.int64)})
+            with pytest.raises(PrefetchError, match=f"{path} changed size while mapped"):
+                ticket.wait(1)
+
+
+def test_wait_time_recorded_and_bad_requests_rejected(ckpt_factory):
+    ckpt = ckpt_factory()
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement="host", progress=False)
+    waits = []
+    tables.stats.add_observer(lambda kind, layer, s: waits.append(layer) if kind == "wait" else None)
+    prefetcher = Prefetcher(tables, ckpt.head_offsets)
+    ticket = prefetcher.submit({1: np.zeros((3, 4), np.int64)})
+    ticket.wait(1)
+    assert waits == [1] and tables.stats.snapshot()[1]["waits"] == 1
+    with pytest.raises(KeyError, match="no rows for layer 15"):
+        ticket.wait(15)
+    with pytest.raises(ValueError, match=r"rows must be \[num_tokens, 4\]"):
+        prefetcher.submit({1: np.zeros((3, 5), np.int64)})
+    with pytest.raises(ValueError, match="outside its head's size"):
+        prefetcher.submit({1: np.full((1, 4), 101, np.int64)})
+    prefetcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        prefetcher.submit({1: np.zeros((1, 4), np.int64)})

@@ -1,0 +1,72 @@
+"""Identical rows from every placement, cache size and prefetch mode; stats that add up."""
+import numpy as np
+import pytest
+import torch
+
+from offload.prefetch import Prefetcher
+from offload.store import TableSet
+
+CONFIGS = [("device", 0), ("host", 0), ("host", 50), ("mmap", 0), ("mmap", 50)]
+
+
+def _steps(ckpt, n_steps=6, seed=1):
+    rng = np.random.default_rng(seed)
+    for step in range(n_steps):
+        tokens = int(rng.integers(1, 9))
+        yield {layer: np.stack([rng.zipf(1.3, tokens) % size for size in np.diff(np.r_[off, ckpt.values[layer].shape[0]])], 1)
+               for layer, off in ckpt.head_offsets.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_same_rows_from_every_placement_with_and_without_prefetch(ckpt_factory, dtype, compute_dtype):
+    ckpt = ckpt_factory(dtype=dtype)
+    steps = list(_steps(ckpt))
+    for placement, cache_rows in CONFIGS:
+        tables = TableSet.open(ckpt.path, ckpt.tables, placement=placement, cache_rows=cache_rows,
+                               compute_dtype=compute_dtype, progress=False)
+        for enabled in (True, False):
+            with Prefetcher(tables, ckpt.head_offsets, enabled=enabled) as prefetcher:
+                tickets = [prefetcher.submit(rows) for rows in steps]  # all in flight at once
+                for rows, ticket in zip(steps, tickets):
+                    for layer in (1, 15):
+                        got = ticket.wait(layer)
+                        global_rows = rows[layer] + ckpt.head_offsets[layer]
+                        expected = ckpt.values[layer].to(getattr(torch, dtype))[global_rows].to(compute_dtype)
+                        assert got.dtype == compute_dtype and got.shape == (*rows[layer].shape, 64)
+                        assert torch.equal(got, expected), (placement, cache_rows, enabled, layer)
+        tables.close()
+
+
+def test_stats_count_lookups_bytes_and_utilisation(ckpt_factory):
+    ckpt = ckpt_factory(dtype="bfloat16")
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement="mmap", cache_rows=0, progress=False)
+    seen = []
+    tables.stats.add_observer(lambda kind, layer, s: seen.append((kind, layer)))
+    rows = np.array([0, 5, 5, 7, 0, 9, 410])
+    tables[1].gather(rows)
+    tables[1].gather(np.array([5, 411]))
+    snap = tables.stats.snapshot()[1]
+    assert snap["lookups"] == 9 and snap["cache_hits"] == 0
+    assert snap["rows_gathered"] == 5 + 2 and snap["bytes_gathered"] == 7 * 128
+    assert snap["rows_touched"] == 6 and snap["rows_touched_ratio"] == pytest.approx(6 / 420)
+    assert snap["table_bytes"] == {"mmap": 420 * 128}
+    assert seen == [("gather", 1), ("gather", 1)] and snap["gathers"] == 2
+    assert tables.stats.snapshot()[15]["lookups"] == 0
+
+
+def test_host_load_streams_into_one_buffer(ckpt_factory):
+    ckpt = ckpt_factory(dtype="float32")
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement="host", progress=False)
+    tier = tables[15]._tier
+    assert tier.shape == (508, 64) and torch.equal(tier, ckpt.values[15])
+    assert tables.stats.snapshot()[15]["table_bytes"] == {"host": 508 * 64 * 4}
+
+
+def test_out_of_range_rows_and_bad_placement(ckpt_factory):
+    ckpt = ckpt_factory()
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement="host", progress=False)
+    with pytest.raises(IndexError, match=r"layer 1: row ids must be in \[0, 420\)"):
+        tables[1].gather(np.array([420]))
+    with pytest.raises(ValueError, match="placement 'disk'"):
+        TableSet.open(ckpt.path, ckpt.tables, placement="disk")
