@@ -11,6 +11,7 @@ every server start take minutes. Table files themselves are offload/'s business
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -286,8 +287,11 @@ def init_checkpoint(out_dir, cfg: EngramConfig, backbone: dict, dtype: str = "bf
     return manifest
 
 
+@functools.lru_cache(maxsize=8)
 def backbone_info(model: str | None) -> dict:
-    """The manifest's 'backbone' block, read from a GGUF file's metadata or an HF config.json."""
+    """The manifest's 'backbone' block, read from a GGUF file's metadata or an HF config.json.
+
+    Cached: parsing a GGUF's metadata (its whole tokenizer vocabulary) takes seconds."""
     from gguf import GGUFReader
 
     from .gguf_loader import read_config
@@ -327,7 +331,9 @@ def init_main(argv: list[str] | None = None) -> int:
     """Console entry `engram-init`; returns a process exit code, errors as one line, no traceback."""
     args = _parse_init_args(argv)
     try:
-        backbone = backbone_info(args.model)
+        if Path(args.out).exists() and not args.force:
+            raise EngramCheckpointError(f"{args.out} already exists (pass --force to replace it)")
+        backbone = dict(backbone_info(args.model))
         heads_total = (args.max_ngram_size - 1) * args.heads_per_ngram
         rows = args.rows_per_head
         if args.table_gb is not None:

@@ -1,0 +1,97 @@
+"""Compression and N-gram hashing must equal DeepSeek's reference bit for bit (golden vectors)."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from engram_runtime.engram_config import EngramConfig
+from engram_runtime.hashing import NgramHasher, head_offsets_for, is_prime, table_sizes_for
+
+
+@pytest.fixture(scope="module")
+def hasher(compressed, golden_hash):
+    return NgramHasher(EngramConfig(**golden_hash["config"]), compressed)
+
+
+def test_compressed_vocabulary_matches_reference(compressed, golden_hash):
+    assert compressed.vocab_size == golden_hash["vocab_size"]
+    assert len(compressed) == golden_hash["compressed_vocab_size"]
+    assert compressed.lookup_table[:64].tolist() == golden_hash["lookup_first_64"]
+    digest = hashlib.sha256(compressed.lookup_table.astype("<i8").tobytes()).hexdigest()
+    assert digest == golden_hash["lookup_sha256_int64le"]
+
+
+def test_multipliers_and_primes_match_reference(hasher, golden_hash):
+    for lid in golden_hash["config"]["layer_ids"]:
+        assert hasher.multipliers[lid].dtype == np.int64
+        assert hasher.multipliers[lid].tolist() == golden_hash["multipliers"][str(lid)]
+        assert hasher.table_sizes[lid] == golden_hash["primes"][str(lid)]
+
+
+def test_hash_ids_match_reference(hasher, smollm2_tokenizer, golden_hash):
+    for case in golden_hash["cases"]:
+        assert smollm2_tokenizer.encode(case["text"], add_special_tokens=False) == case["token_ids"]
+        assert hasher.ct(case["token_ids"]).tolist() == case["compressed_ids"]
+        rows = hasher.hash(np.array([case["token_ids"]]))
+        for lid in golden_hash["config"]["layer_ids"]:
+            assert rows[lid].dtype == np.int64 and rows[lid].shape == (1, len(case["token_ids"]), 16)
+            assert rows[lid][0].tolist() == case["hash_ids"][str(lid)]
+
+
+def test_batched_hash_equals_each_row_alone(hasher, golden_hash):
+    cases = golden_hash["cases"]
+    t = min(len(c["token_ids"]) for c in cases)
+    batch = np.array([c["token_ids"][:t] for c in cases])
+    rows = hasher.hash(batch)
+    for b, case in enumerate(cases):
+        for lid in hasher.cfg.layer_ids:
+            assert rows[lid][b].tolist() == case["hash_ids"][str(lid)][:t]
+
+
+def test_hash_windows_equals_full_hash_at_every_position(hasher):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, hasher.ct.vocab_size, size=(3, 12))
+    full = hasher.hash(ids)
+    n, pad = hasher.cfg.max_ngram_size, hasher.cfg.pad_id
+    padded = np.concatenate([np.full((3, n - 1), pad), ids], axis=1)
+    for t in range(ids.shape[1]):
+        step = hasher.hash_windows(padded[:, t: t + n])
+        for lid in hasher.cfg.layer_ids:
+            assert step[lid].shape == (3, hasher.cfg.heads_total)
+            np.testing.assert_array_equal(step[lid], full[lid][:, t])
+
+
+def test_rows_stay_inside_their_heads(hasher):
+    rng = np.random.default_rng(2)
+    rows = hasher.hash(rng.integers(0, hasher.ct.vocab_size, size=(4, 64)))
+    for lid in hasher.cfg.layer_ids:
+        primes = np.array(hasher.table_sizes[lid]).reshape(-1)
+        assert (rows[lid] >= 0).all() and (rows[lid] < primes).all()
+        offsets = hasher.head_offsets[lid]
+        assert offsets.dtype == np.int64 and offsets[0] == 0
+        np.testing.assert_array_equal(np.diff(offsets), primes[:-1])
+        assert hasher.num_rows[lid] == int(primes.sum()) == int(offsets[-1] + primes[-1])
+
+
+def test_primes_are_distinct_primes_above_the_start():
+    cfg = EngramConfig(engram_vocab_size=[50, 40], n_head_per_ngram=4, n_embed_per_ngram=16, layer_ids=[0, 3])
+    sizes = table_sizes_for(cfg)
+    flat = [p for lid in cfg.layer_ids for heads in sizes[lid] for p in heads]
+    assert len(set(flat)) == len(flat)
+    sieve = [n for n in range(2, 200) if all(n % d for d in range(2, int(n ** 0.5) + 1))]
+    assert sizes[0][0] == [53, 59, 61, 67]  # searched upward from 50
+    assert all(p in sieve for p in flat) and all(p >= 40 for p in flat)
+    assert [is_prime(n) for n in range(200)] == [n in sieve for n in range(200)]
+    assert is_prime(2**61 - 1) and not is_prime((2**31 - 1) * (2**61 - 1))
+    assert head_offsets_for([[3, 5], [7]]).tolist() == [0, 3, 8]
+
+
+def test_bad_inputs_are_refused(hasher):
+    with pytest.raises(ValueError, match="shape"):
+        hasher.hash(np.zeros(5, dtype=np.int64))
+    with pytest.raises(ValueError, match="windows"):
+        hasher.hash_windows(np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        hasher.hash(np.array([[1, hasher.ct.vocab_size]]))
