@@ -39,8 +39,12 @@ class ShortConv(nn.Module):
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
         self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=_CONV_NORM_EPS) for _ in range(hc_mult))
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, hc, D] -> [B, T, hc, D]; updates `state` in place when given."""
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, hc, D] -> [B, T, hc, D]; updates `state` in place when given.
+
+        lengths [B] (optional): valid positions per row of a right-padded batch; each row's new
+        state then ends at its last valid position instead of at the padding."""
         b, t, g, d = x.shape
         normed = torch.cat([self.norms[i](x[:, :, i]) for i in range(g)], dim=-1)  # [B, T, hc*D]
         if state is None:
@@ -50,8 +54,11 @@ class ShortConv(nn.Module):
                 raise ValueError(f"conv_state must have shape {(b, self.context, g * d)}, got {tuple(state.shape)}")
             left = state.to(normed.dtype)
         full = torch.cat([left, normed], dim=1)  # [B, context + T, C]
-        if state is not None:
+        if state is not None and lengths is None:
             state.copy_(full[:, -self.context:])
+        elif state is not None:
+            idx = lengths.to(full.device, torch.long)[:, None] + torch.arange(self.context, device=full.device)
+            state.copy_(full.gather(1, idx[:, :, None].expand(-1, -1, g * d)))
         y = F.conv1d(full.transpose(1, 2), self.conv.weight, dilation=self.dilation, groups=g * d)
         return F.silu(y).transpose(1, 2).reshape(b, t, g, d)
 
@@ -82,9 +89,13 @@ class EngramLayer(nn.Module):
                            dtype=dtype or w.dtype, device=device or w.device)
 
     def forward(self, hidden_states: torch.Tensor, embeddings: torch.Tensor,
-                conv_state: torch.Tensor | None = None) -> torch.Tensor:
+                conv_state: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states [B, T, hc, D], embeddings [B, T, heads_total, head_dim] (gathered rows)
-        -> [B, T, hc, D], the Engram output before the residual add."""
+        -> [B, T, hc, D], the Engram output before the residual add.
+
+        conv_state: see ShortConv (updated in place). lengths [B]: valid tokens per row when the
+        batch is right-padded to T (mixed prefill/decode); padded positions' outputs are garbage
+        to be dropped, and they never enter conv_state."""
         b, t, g, d = hidden_states.shape
         if g != self.hc_mult or d != self.hidden_size:
             raise ValueError(f"EngramLayer {self.layer_id}: hidden_states must be [B, T, {self.hc_mult}, "
@@ -105,7 +116,7 @@ class EngramLayer(nn.Module):
         gate = torch.stack(gates, dim=2)  # [B, T, hc]
         self.last_gate = gate.detach()
         value = gate.unsqueeze(-1) * self.value_proj(emb).unsqueeze(2)  # [B, T, hc, D]
-        return value + self.short_conv(value, conv_state)
+        return value + self.short_conv(value, conv_state, lengths)
 
     def load_reference_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load a reference `Engram` state dict; its table ('multi_head_embedding.*') is skipped."""

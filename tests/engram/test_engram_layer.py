@@ -81,6 +81,28 @@ def test_conv_state_holds_the_newest_inputs_in_place():
     assert (alone - full[1:2]).abs().max().item() <= 1e-6
 
 
+@torch.no_grad()
+def test_right_padded_batch_with_lengths_keeps_each_rows_state():
+    cfg = EngramConfig(engram_vocab_size=[11, 11], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1])
+    torch.manual_seed(1)
+    layer = EngramLayer(cfg, 1, hidden_size=24)
+    torch.nn.init.normal_(layer.value_proj.weight)
+    hidden = torch.randn(3, 16, 1, 24)
+    emb = torch.randn(3, 16, cfg.heads_total, cfg.head_dim)
+    full = layer(hidden, emb)
+    lengths = torch.tensor([6, 1, 12])  # a padded prefill batch of different prompt lengths
+    state = layer.new_conv_state(3)
+    first = layer(hidden[:, :12], emb[:, :12], state, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert (first[b, :n] - full[b, :n]).abs().max().item() <= 1e-5
+    # next step: each row continues from its own last valid token
+    nxt = torch.stack([hidden[b, n] for b, n in enumerate(lengths.tolist())])[:, None]
+    nxt_emb = torch.stack([emb[b, n] for b, n in enumerate(lengths.tolist())])[:, None]
+    out = layer(nxt, nxt_emb, state)
+    for b, n in enumerate(lengths.tolist()):
+        assert (out[b, 0] - full[b, n]).abs().max().item() <= 1e-5
+
+
 def test_zero_value_projection_gives_zero_output():
     cfg = EngramConfig(engram_vocab_size=[11, 11], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1])
     layer = EngramLayer(cfg, 1, hidden_size=24)
