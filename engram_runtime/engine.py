@@ -1,0 +1,325 @@
+"""LLMEngine: continuous batching in one loop thread that owns the model.
+
+Split as in nano-vllm: the Scheduler decides who runs, the ModelRunner computes
+logits, the sampler picks tokens; the engine glues them, takes requests from any
+thread (add_request / abort put work in an inbox under a lock) and calls each
+request's on_output from the loop thread with one delta per step.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from engram_runtime.model_runner import ModelRunner, Row, parse_dtype
+from engram_runtime.sampling import SamplingParams, sample
+from engram_runtime.scheduler import ScheduledBatch, Scheduler
+from engram_runtime.sequence import IncrementalDetokenizer, RequestOutput, Sequence
+from engram_runtime.tokenizer import eos_token_ids, load_tokenizer
+from engram_runtime.weights import load_weights, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 2048  # cap for the static KV cache when the model allows more
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # GGUF file or HF dir; None = default SmolLM2
+    engram: str | None = None  # Engram checkpoint dir or None
+    dtype: str = "float32"  # or "bfloat16"
+    table_placement: str = "host"
+    table_dtype: str | None = None
+    cache_rows: int = 0
+    prefetch: bool = True
+    verify_tables: bool = False
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None  # None: min(model context, DEFAULT_MAX_MODEL_LEN)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1, tokens held / (max_num_seqs * max_model_len)
+    num_steps: int
+    num_prompt_tokens: int  # totals since start
+    num_generation_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        path = resolve_model_path(config.model)
+        model_config, state_dict = load_weights(path)
+        self.model_config = model_config
+        self.model_name = model_config.name if config.model is None else str(config.model)
+        self.tokenizer = load_tokenizer(path)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.eos_token_ids)
+        self.max_model_len = config.max_model_len or min(
+            model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN
+        )
+        if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        dtype = parse_dtype(config.dtype)
+        self.runner = ModelRunner(model_config, state_dict, dtype, config.max_num_seqs, self.max_model_len)
+        del state_dict
+        self.engram = None
+        self.table_stats = None
+        self.engram_layer_ids: list[int] = []
+        if config.engram is not None:
+            from engram_runtime.engram_state import EngramRuntime
+
+            self.engram = EngramRuntime.load(config, self.tokenizer, self.runner)
+            self.table_stats = self.engram.table_stats
+            self.engram_layer_ids = self.engram.layer_ids
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        self._lock = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._abort_ids: list[str] = []
+        self._live: dict[str, Sequence] = {}  # guarded by _lock
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._num_steps = self._prompt_tokens = self._gen_tokens = 0
+        self._step_observers: list[Callable[[float, int], None]] = []
+
+    # ---- public API (any thread) ----
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="engram-engine", daemon=True)
+            self._thread.start()
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        on_output: Callable[[RequestOutput], None],
+        request_id: str | None = None,
+    ) -> str:
+        params.validate()
+        prompt = [int(t) for t in prompt_token_ids]
+        if not prompt:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt)} tokens but the context window (max_model_len) is "
+                f"{self.max_model_len}: the prompt must be shorter to leave room for output"
+            )
+        vocab = self.model_config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        with self._lock:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            if rid in self._live:
+                raise ValueError(f"request_id {rid!r} is already in use")
+            seq = Sequence(
+                request_id=rid,
+                prompt_token_ids=prompt,
+                params=params,
+                on_output=on_output,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt),
+                eos_token_ids=self.eos_token_ids,
+                generator=params.make_generator(),
+            )
+            self._live[rid] = seq
+            self._inbox.append(seq)
+            self._lock.notify()
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._abort_ids.append(request_id)
+            self._lock.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            waiting = len(self._inbox)
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=waiting + len(self.scheduler.waiting),
+            kv_cache_usage=self.scheduler.kv_cache_usage(),
+            num_steps=self._num_steps,
+            num_prompt_tokens=self._prompt_tokens,
+            num_generation_tokens=self._gen_tokens,
+        )
+
+    def add_step_observer(self, fn: Callable[[float, int], None]) -> None:
+        """fn(step_seconds, num_tokens) is called from the engine thread after every step."""
+        self._step_observers.append(fn)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            self._abort_ids.extend(self._live)
+        self._drain_inbox()
+        if self.engram is not None:
+            self.engram.close()
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._live)
+
+    # ---- engine thread ----
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopping or self._inbox or self._abort_ids or self.scheduler.has_work()):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            self._drain_inbox()
+            if self.scheduler.has_work():
+                self.step()
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            new, self._inbox = self._inbox, []
+            aborts, self._abort_ids = self._abort_ids, []
+        for seq in new:
+            if seq.params.max_tokens == 0:
+                seq.finish_reason = "length"
+                self._finish(seq)
+            else:
+                self.scheduler.add(seq)
+        for rid in aborts:
+            seq = self._live.get(rid)
+            if seq is not None and seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                self._finish(seq)
+
+    def step(self) -> None:
+        """One engine step: schedule, forward (decode rows, then prefill rows), sample, emit."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return
+        now = time.monotonic()
+        for seq, _ in batch.prefill:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        to_sample: list[Sequence] = []
+        logits: list[torch.Tensor] = []
+        gates: list[dict[int, float] | None] = []
+        for group in self._forward_groups(batch):
+            seqs, rows = zip(*group)
+            try:
+                hook = self.engram.step_hook(list(seqs), list(rows)) if self.engram else None
+                out = self.runner.forward(list(rows), hook)
+            except Exception as exc:  # a failing batch must not take the loop down
+                log.exception("forward failed")
+                for seq in seqs:
+                    self._fail(seq, exc)
+                continue
+            for i, (seq, row) in enumerate(group):
+                seq.num_computed += len(row.token_ids)
+                if not seq.in_prefill:
+                    to_sample.append(seq)
+                    logits.append(out[i])
+                    gates.append(hook.gates(i) if hook is not None else None)
+        if to_sample:
+            self._sample_and_emit(to_sample, torch.stack(logits), gates)
+        self._num_steps += 1
+        n_tokens = len(batch.decode) + sum(n for _, n in batch.prefill)
+        self._prompt_tokens += sum(n for _, n in batch.prefill)
+        dt = time.perf_counter() - t0
+        for fn in self._step_observers:
+            fn(dt, n_tokens)
+
+    def _forward_groups(self, batch: ScheduledBatch) -> list[list[tuple[Sequence, Row]]]:
+        groups = []
+        if batch.decode:
+            groups.append([(s, Row(s.slot, s.pending_token_ids(), s.num_computed)) for s in batch.decode])
+        if batch.prefill:
+            groups.append(
+                [(s, Row(s.slot, s.pending_token_ids()[:n], s.num_computed)) for s, n in batch.prefill]
+            )
+        return groups
+
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, gates: list) -> None:
+        try:
+            result = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception as exc:
+            log.exception("sampling failed")
+            for seq in seqs:
+                self._fail(seq, exc)
+            return
+        now = time.monotonic()
+        for i, seq in enumerate(seqs):
+            try:
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                token = result.token_ids[i]
+                seq.append_token(token, self.max_model_len)
+                self._gen_tokens += 1
+                lp = [result.logprobs[i]] if result.logprobs[i] is not None else None
+                g = [gates[i]] if seq.params.engram_gates and gates[i] is not None else None
+                self._emit(seq, [token], lp, g)
+            except Exception as exc:
+                self._fail(seq, exc)
+
+    def _emit(self, seq: Sequence, token_ids: list[int], logprobs=None, gates=None, error: str | None = None):
+        finished = seq.finish_reason is not None
+        out = RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=token_ids,
+            new_text=seq.take_new_text(),
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_output_tokens=len(seq.output_token_ids),
+            logprobs=logprobs,
+            gates=gates,
+            arrival_time=seq.arrival_time,
+            first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time,
+            error=error,
+        )
+        if finished:
+            self._release(seq)
+        try:
+            seq.on_output(out)
+        except Exception:  # the consumer is broken or gone: stop generating for it
+            log.exception("on_output callback of %s failed; aborting it", seq.request_id)
+            if not finished:
+                seq.finish_reason = "abort"
+                self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if self.engram is not None:
+            self.engram.release(seq)
+        with self._lock:
+            self._live.pop(seq.request_id, None)
+
+    def _finish(self, seq: Sequence) -> None:
+        self._emit(seq, [])
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        seq.finish_reason = "error"
+        msg = f"{type(exc).__name__}: {exc}"
+        log.debug("request %s failed: %s", seq.request_id, traceback.format_exc())
+        self._emit(seq, [], error=msg)
+
+    # ---- synchronous driving (offline LLM, tests) ----
+    def run_until_done(self) -> None:
+        """Drive the loop in the calling thread until every request has finished.
+        Only for use when start() was not called."""
+        if self._thread is not None:
+            raise RuntimeError("run_until_done() cannot be used while the engine thread runs")
+        while self.has_unfinished():
+            self._drain_inbox()
+            if self.scheduler.has_work():
+                self.step()

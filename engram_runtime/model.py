@@ -1,0 +1,208 @@
+"""The Llama-family backbone, gpt-fast style: plain modules, one forward.
+
+The forward works on a padded batch [B, T] where row b holds tokens at absolute
+positions `positions[b]` of the sequence living in KV-cache slot `slots[b]`. The
+same code runs prefill (T = prompt chunk), decode (T = 1) and mixed lengths; the
+caller (model_runner) builds positions, the attention mask and the cache view.
+
+Q/K/V and gate/up are fused into single matmuls (fewer, larger GEMMs: on a
+2-core CPU the per-op overhead is a visible share of a decode step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram_runtime.config import ModelConfig
+
+
+class EngramHook(Protocol):
+    """What a decoder block asks at an Engram layer: the value to add to the residual."""
+
+    def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class AttentionInputs:
+    """Per-step attention plumbing shared by all layers.
+
+    write_slots/write_pos [B, T]: where each token's K/V goes in the cache.
+    read: how to view the cache for this batch: (slot_start, slot_stop) for a
+    contiguous slot range (a view, no copy), else a LongTensor of slots (gather).
+    q_rows: when reading a slot range wider than the batch, the rows of that range
+    that belong to the batch (None if the range is exactly the batch).
+    mask [R, 1, T, kv_len] bool, True = attend.
+    """
+
+    write_slots: torch.Tensor
+    write_pos: torch.Tensor
+    read: tuple[int, int] | torch.Tensor
+    q_rows: torch.Tensor | None
+    kv_len: int
+    mask: torch.Tensor
+    cos: torch.Tensor  # [B, T, 1, head_dim]
+    sin: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 like transformers' LlamaRMSNorm, then cast back
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_len, head_dim] in the HF (rotate-half) layout, float32."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=False)
+        self.wo = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.k_cache: torch.Tensor | None = None  # [slots, n_kv, max_len, head_dim]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+        B, T, _ = x.shape
+        qs, kvs = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = self.wqkv(x).split([qs, kvs, kvs], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), a.cos, a.sin)
+        k = apply_rope(k.view(B, T, self.n_kv, self.head_dim), a.cos, a.sin)
+        v = v.view(B, T, self.n_kv, self.head_dim)
+        # scatter this step's K/V into the static cache, then attend over the cache
+        self.k_cache[a.write_slots, :, a.write_pos] = k.to(self.k_cache.dtype)
+        self.v_cache[a.write_slots, :, a.write_pos] = v.to(self.v_cache.dtype)
+        if isinstance(a.read, tuple):
+            keys = self.k_cache[a.read[0] : a.read[1], :, : a.kv_len]
+            values = self.v_cache[a.read[0] : a.read[1], :, : a.kv_len]
+        else:
+            keys = self.k_cache[a.read, :, : a.kv_len]
+            values = self.v_cache[a.read, :, : a.kv_len]
+        q = q.transpose(1, 2)  # [B, H, T, D]
+        if a.q_rows is not None:
+            full = q.new_zeros(keys.shape[0], *q.shape[1:])
+            full[a.q_rows] = q
+            q = full
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=a.mask, enable_gqa=True)
+        if a.q_rows is not None:
+            out = out[a.q_rows]
+        return self.wo(out.transpose(1, 2).reshape(B, T, qs))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.inter = config.intermediate_size
+        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.inter, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.has_engram = False  # set by Transformer.set_engram_layers
+
+    def forward(self, x: torch.Tensor, a: AttentionInputs, engram: EngramHook | None) -> torch.Tensor:
+        if self.has_engram and engram is not None:
+            x = x + engram(self.layer_id, x)  # Engram memory joins the residual before attention
+        x = x + self.attention(self.attention_norm(x), a)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def set_engram_layers(self, layer_ids: list[int]) -> None:
+        for block in self.layers:
+            block.has_engram = block.layer_id in layer_ids
+
+    def setup_cache(self, num_slots: int, max_len: int, dtype: torch.dtype) -> None:
+        """Static per-slot KV cache. torch.zeros is calloc-backed: pages are only
+        committed once a sequence writes them, and zeros (not garbage) keep masked
+        scores finite."""
+        shape = (num_slots, self.config.num_key_value_heads, max_len, self.config.head_dim)
+        for block in self.layers:
+            block.attention.k_cache = torch.zeros(shape, dtype=dtype)
+            block.attention.v_cache = torch.zeros(shape, dtype=dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        a: AttentionInputs,
+        logits_index: torch.Tensor | None = None,
+        engram: EngramHook | None = None,
+    ) -> torch.Tensor:
+        """Returns logits [N, vocab] (float32) for the flat positions `logits_index`
+        of the [B*T] batch (all positions if None)."""
+        x = self.tok_embeddings(input_ids)
+        for block in self.layers:
+            x = block(x, a, engram)
+        x = x.reshape(-1, x.shape[-1])
+        if logits_index is not None:
+            x = x[logits_index]
+        return self.output(self.norm(x)).float()
+
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Map HF Llama names onto this module, fusing q/k/v and gate/up."""
+        mine: dict[str, torch.Tensor] = {
+            "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+            "norm.weight": sd["model.norm.weight"],
+            "output.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"]),
+        }
+        for i in range(self.config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            mine[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+            mine[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+            mine[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
+                [sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
+            )
+            mine[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+            mine[f"layers.{i}.feed_forward.w13.weight"] = torch.cat(
+                [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]
+            )
+            mine[f"layers.{i}.feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+        self.load_state_dict(mine, strict=True)
+        if self.config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight

@@ -1,0 +1,105 @@
+"""ModelRunner: owns the backbone and its KV cache; turns a list of rows into logits.
+
+A row is (cache slot, new token ids, position of the first of them). The runner
+pads rows to one [B, T] batch, builds positions, rope tables and the causal mask
+over the static cache, and picks the cheapest way to read the cache for this
+batch: a slice when the batch's slots form a (nearly) contiguous range, so decode
+attention reads K/V in place instead of copying them every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engram_runtime.config import ModelConfig
+from engram_runtime.model import AttentionInputs, EngramHook, Transformer, rope_tables
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+@dataclass
+class Row:
+    slot: int
+    token_ids: list[int]
+    start_pos: int
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: ModelConfig,
+        state_dict: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        num_slots: int,
+        max_model_len: int,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.num_slots = num_slots
+        self.max_model_len = max_model_len
+        model = Transformer(config)
+        model.load_hf_state_dict(state_dict)
+        self.model = model.to(dtype).eval().requires_grad_(False)
+        # one scratch position past the end: padded tokens write their K/V there
+        self.scratch_pos = max_model_len
+        self.model.setup_cache(num_slots, max_model_len + 1, dtype)
+        cos, sin = rope_tables(config, max_model_len + 1)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+
+    def kv_cache_bytes(self) -> int:
+        a = self.model.layers[0].attention
+        return 2 * a.k_cache.numel() * a.k_cache.element_size() * len(self.model.layers)
+
+    def attention_inputs(self, rows: list[Row]) -> tuple[torch.Tensor, AttentionInputs, torch.Tensor]:
+        B = len(rows)
+        lens = torch.tensor([len(r.token_ids) for r in rows])
+        T = int(lens.max())
+        starts = torch.tensor([r.start_pos for r in rows])
+        slots = torch.tensor([r.slot for r in rows])
+        input_ids = torch.zeros(B, T, dtype=torch.long)
+        for b, r in enumerate(rows):
+            input_ids[b, : len(r.token_ids)] = torch.tensor(r.token_ids)
+        t = torch.arange(T)
+        positions = starts[:, None] + t[None, :]
+        valid = t[None, :] < lens[:, None]
+        write_pos = torch.where(valid, positions, self.scratch_pos)
+        kv_len = int((starts + lens).max())
+        lo, hi = int(slots.min()), int(slots.max()) + 1
+        q_rows = None
+        if hi - lo == B and bool((slots == torch.arange(lo, hi)).all()):
+            read, mask_pos = (lo, hi), positions
+        elif hi - lo <= 2 * B:  # attend over the slot range; idle rows are computed and dropped
+            read, q_rows = (lo, hi), slots - lo
+            mask_pos = torch.zeros(hi - lo, T, dtype=torch.long)
+            mask_pos[q_rows] = positions
+        else:
+            read, mask_pos = slots, positions
+        mask = (torch.arange(kv_len)[None, None, :] <= mask_pos[:, :, None]).unsqueeze(1)
+        rope_pos = write_pos
+        attn = AttentionInputs(
+            write_slots=slots[:, None].expand(B, T),
+            write_pos=write_pos,
+            read=read,
+            q_rows=q_rows,
+            kv_len=kv_len,
+            mask=mask,
+            cos=self.cos[rope_pos].unsqueeze(2),
+            sin=self.sin[rope_pos].unsqueeze(2),
+        )
+        logits_index = torch.arange(B) * T + lens - 1
+        return input_ids, attn, logits_index
+
+    @torch.inference_mode()
+    def forward(self, rows: list[Row], engram: EngramHook | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Logits [B, vocab] float32 at each row's last token (or [B, T, vocab] with all_logits)."""
+        input_ids, attn, logits_index = self.attention_inputs(rows)
+        if all_logits:
+            return self.model(input_ids, attn, None, engram).view(*input_ids.shape, -1)
+        return self.model(input_ids, attn, logits_index, engram)
