@@ -6,7 +6,8 @@ cost should not grow with the table), hence ``--table-gb``: it is turned into an
 orders 2 and 3, 8 heads per order, 64-dim rows), since a table holds one row per
 hash bucket and ``engram_vocab_size`` buckets per head (primes just above it).
 Checkpoints are made with the project's own commands (``engram-init``, and
-``engram-convert`` for fp8) as subprocesses; nothing of the server is imported.
+``--dtype fp8_e4m3`` for the fp8 variant) as a subprocess; nothing of the
+server is imported.
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loadtest.launch import repo_env
+
 DEFAULT_LAYOUT = {"layers": 2, "orders": 2, "heads": 8, "head_dim": 64}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
 
 
 def vocab_for_table_gb(table_gb: float, dtype: str = "bfloat16", layout: dict = DEFAULT_LAYOUT) -> int:
@@ -31,37 +35,25 @@ def vocab_for_table_gb(table_gb: float, dtype: str = "bfloat16", layout: dict = 
     return max(1, int(table_gb * 1e9 / (row_bytes * rows_per_vocab)))
 
 
-def _command(script: str, module: str) -> list[str]:
-    exe = shutil.which(script)
-    return [exe] if exe else [sys.executable, "-c", f"import sys; from {module} import "
-                              f"{'init_main' if script == 'engram-init' else 'main'} as m; sys.exit(m())"]
-
-
-def _run(cmd: list[str], what: str) -> None:
-    print("$ " + " ".join(cmd))
-    done = subprocess.run(cmd)
-    if done.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit {done.returncode}): {' '.join(cmd)}")
+def _init_command() -> list[str]:
+    exe = shutil.which("engram-init")
+    return [exe] if exe else [sys.executable, "-c", "import sys; from engram_runtime.checkpoint "
+                              "import init_main; sys.exit(init_main())"]
 
 
 def create_checkpoint(root: Path, vocab_size: int, dtype: str) -> Path:
-    """``engram-init`` into ``root``/v<vocab>-<dtype>, skipped when already there."""
+    """``engram-init`` into ``root``/v<vocab>-<dtype>, skipped when already there.
+
+    Same seed and layout for every dtype, so an fp8 checkpoint is the bf16 one quantised."""
     out = root / f"v{vocab_size}-{dtype}"
     if (out / "engram.json").is_file():
         return out
-    _run(_command("engram-init", "engram_runtime.checkpoint")
-         + ["--out", str(out), "--engram-vocab-size", str(vocab_size), "--dtype", dtype],
-         "engram-init")
-    return out
-
-
-def create_fp8(src: Path) -> Path:
-    """An fp8 copy of checkpoint ``src`` next to it (``engram-convert --dtype fp8``)."""
-    out = src.with_name(src.name + "-fp8")
-    if (out / "engram.json").is_file():
-        return out
-    _run(_command("engram-convert", "offload.convert")
-         + [str(src), "--out", str(out), "--dtype", "fp8"], "engram-convert")
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = _init_command() + [str(out), "--rows-per-head", str(vocab_size), "--dtype", dtype, "--force"]
+    print("$ " + " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, env=repo_env())
+    if done.returncode != 0:
+        raise RuntimeError(f"engram-init failed (exit {done.returncode}): {' '.join(cmd)}")
     return out
 
 
@@ -83,5 +75,11 @@ def resolve_checkpoints(args: argparse.Namespace, needed: str) -> dict[str, str]
         src = create_checkpoint(root, vocab, args.table_dtype)
     fill["engram"] = str(src)
     if "{engram_fp8}" in needed:
-        fill["engram_fp8"] = args.engram_fp8 or str(create_fp8(src))
+        if args.engram_fp8:
+            fill["engram_fp8"] = args.engram_fp8
+        elif args.engram:
+            raise ValueError("the fp8 variant needs --engram-fp8 DIR when --engram is given "
+                             "(or give --engram-vocab-size / --table-gb to create both)")
+        else:
+            fill["engram_fp8"] = str(create_checkpoint(src.parent, vocab, "fp8_e4m3"))
     return fill

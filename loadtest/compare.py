@@ -93,6 +93,13 @@ def _spread(values: list[float]) -> dict[str, float | list[float]]:
             "rounds": values}
 
 
+def paired_ratio(runs: dict[str, list[dict]], num: str, den: str, key: str) -> dict | None:
+    """``num``'s figure over ``den``'s, round by round (both ran in the same round, back
+    to back), as min / median / max; None when ``den`` has no non-zero value."""
+    ratios = [a[key] / b[key] for a, b in zip(runs[num], runs[den]) if b[key]]
+    return _spread(ratios) if ratios else None
+
+
 def aggregate(runs: dict[str, list[dict]], base: str) -> dict[str, dict]:
     """Per variant and figure: values over rounds, and ratios to ``base`` paired by round.
 
@@ -104,9 +111,9 @@ def aggregate(runs: dict[str, list[dict]], base: str) -> dict[str, dict]:
         for key in COMPARED:
             vals = [r[key] for r in results]
             entry["value"][key] = _spread(vals)
-            ratios = [v / b[key] for v, b in zip(vals, runs[base]) if b[key]]
-            if ratios:
-                entry["ratio"][key] = _spread(ratios)
+            ratio = paired_ratio(runs, name, base, key)
+            if ratio:
+                entry["ratio"][key] = ratio
         for key in ENGRAM_FIGURES:
             vals = [r["engram"][key] for r in results if key in r.get("engram", {})]
             if vals:

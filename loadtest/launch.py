@@ -29,6 +29,14 @@ def default_server_cmd() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "server.cli"]
 
 
+def repo_env() -> dict[str, str]:
+    """The environment with this checkout on PYTHONPATH, so ``python -m server.cli`` and
+    friends work from any directory even when the project is not pip-installed."""
+    repo = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": repo + (os.pathsep + path if path else "")}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -70,7 +78,7 @@ class ServerProcess:
             log.flush()
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **(self.env or {})},
+                env={**repo_env(), **(self.env or {})},
             )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
