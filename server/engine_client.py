@@ -165,9 +165,7 @@ class EngineClient:
         self.metrics = ServerMetrics(self.model_name, self._engine_stats, self._table_snapshot)
         if engine.table_stats is not None:
             engine.table_stats.add_observer(self.metrics.observe_table)
-        step_observer = getattr(engine, "add_step_observer", None)
-        if step_observer is not None:
-            step_observer(self.metrics.step.observe)
+        engine.add_step_observer(lambda seconds, _tokens: self.metrics.step.observe(seconds))
         if self.state is State.LOADING:
             self.state = State.READY
         logger.info("engine ready: model %s, max_model_len %d, engram layers %s",
