@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from offload.device import put_rows, take_rows
+
 _EMPTY = -1
 _SET_MULT = np.uint64(0x9E3779B97F4A7C15)
 _SKETCH_MULT = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -105,5 +107,4 @@ class RowCache:
             admit = freq[cand] > resident_freq[np.arange(len(cand)), victim_way]
             cand, cand_sets, victim_way = cand[admit], cand_sets[admit], victim_way[admit]
             self.tags[cand_sets, victim_way] = rows[cand]
-            slots = torch.from_numpy(cand_sets * self.ways + victim_way).to(self.data.device)
-            self.data[slots] = raw[torch.from_numpy(order[cand]).to(raw.device)]
+            put_rows(self.data, cand_sets * self.ways + victim_way, take_rows(raw, order[cand]))

@@ -21,7 +21,35 @@ import threading
 import warnings
 import weakref
 
+import numpy as np
 import torch
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a CPU tensor of any dtype (bfloat16 shows as int16 bits)."""
+    return t.view(_INT_OF_SIZE[t.element_size()]).numpy()
+
+
+def take_rows(src: torch.Tensor, idx: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+    """src[idx] along dim 0. On CPU with numpy: single-threaded, so a gather on the prefetch thread
+    never fights the model's intra-op thread pool (torch's small parallel ops are 10-100x slower on
+    a busy 2-core machine); on CUDA with index_select on the device."""
+    if src.device.type != "cpu":
+        return torch.index_select(src, 0, torch.from_numpy(idx).to(src.device), out=out)
+    if out is None:
+        out = torch.empty((len(idx), *src.shape[1:]), dtype=src.dtype)
+    np.take(as_numpy(src), idx, axis=0, out=as_numpy(out))
+    return out
+
+
+def put_rows(dst: torch.Tensor, idx: np.ndarray, src: torch.Tensor) -> None:
+    """dst[idx] = src along dim 0 (see take_rows for why numpy on CPU)."""
+    if dst.device.type != "cpu":
+        dst.index_copy_(0, torch.from_numpy(idx).to(dst.device), src)
+    else:
+        as_numpy(dst)[idx] = as_numpy(src)
 
 
 class DeviceError(RuntimeError):

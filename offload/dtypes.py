@@ -66,11 +66,29 @@ class TableDType:
         """raw rows [n, raw_row_elems] -> NEW tensor [n, head_dim] in compute_dtype, same device.
 
         Always returns fresh memory, so callers may recycle `raw` (a staging buffer) at once.
+        On CPU the common cases run in numpy (single-threaded; see offload.device.take_rows):
+        bf16 -> fp32 is a 16-bit shift, fp8 a 256-entry lookup table times 2**exponent.
         """
+        if raw.device.type == "cpu" and compute_dtype == torch.float32:
+            return torch.from_numpy(self._decode_np(raw.numpy() if self.name != "bfloat16"
+                                                    else raw.view(torch.int16).numpy()))
         if self.name == "fp8_e4m3":
             return _fp8_decode(raw).to(compute_dtype)
         return raw.to(compute_dtype, copy=True)
 
+    def _decode_np(self, raw: np.ndarray) -> np.ndarray:
+        if self.name == "float32":
+            return raw.copy()
+        if self.name == "bfloat16":
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        n, elems = raw.shape
+        head_dim = elems * FP8_BLOCK // (FP8_BLOCK + 1)
+        values = _E4M3_TABLE[raw[:, :head_dim]].reshape(n, head_dim // FP8_BLOCK, FP8_BLOCK)
+        exponent = raw[:, head_dim:].astype(np.int32) - _UE8M0_BIAS
+        return np.ldexp(values, exponent[:, :, None]).reshape(n, head_dim)
+
+
+_E4M3_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
 _DTYPES = {
     "float32": TableDType("float32", torch.float32, np.dtype(np.float32), "F32"),

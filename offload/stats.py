@@ -42,11 +42,15 @@ class LayerStats:
         self.touched_bits = np.zeros((self.num_rows + 7) // 8, dtype=np.uint8)
 
     def touch(self, unique_rows: np.ndarray) -> None:
-        """Mark rows as used; `unique_rows` must not contain duplicates (so new bits count exactly)."""
+        """Mark rows as used; `unique_rows` must be sorted and unique (np.unique's output), so
+        each new bit is counted once and rows sharing a byte are OR-ed together first."""
+        if len(unique_rows) == 0:
+            return
         byte_idx = unique_rows >> 3
-        masks = (np.uint8(1) << (unique_rows & 7).astype(np.uint8)).astype(np.uint8)
+        masks = np.left_shift(np.uint8(1), (unique_rows & 7).astype(np.uint8))
         self.rows_touched += int(np.count_nonzero((self.touched_bits[byte_idx] & masks) == 0))
-        np.bitwise_or.at(self.touched_bits, byte_idx, masks)
+        starts = np.flatnonzero(np.r_[True, byte_idx[1:] != byte_idx[:-1]])
+        self.touched_bits[byte_idx[starts]] |= np.bitwise_or.reduceat(masks, starts)
 
 
 def _percentile(values: deque, q: float) -> float | None:

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from offload.cache import CacheConfig, RowCache
-from offload.device import ComputeDevice
+from offload.device import ComputeDevice, as_numpy, put_rows, take_rows
 from offload.stats import TableStats
 from offload.tablefile import TableFileError, TableHeader, check_table, map_rows, read_header
 
@@ -104,6 +104,11 @@ class EngramTable:
                 bar.update(got)
         return dst
 
+    @property
+    def resident(self) -> torch.Tensor | None:
+        """The raw rows held in memory (device/host placements); None for mmap."""
+        return self._tier
+
     def _check_file(self) -> None:
         """mmap tier: fail clearly if the mapped file vanished or shrank (touching it would SIGBUS)."""
         st = os.fstat(self._fd)
@@ -130,15 +135,13 @@ class EngramTable:
     def _read_tier(self, rows: np.ndarray) -> tuple[int | None, torch.Tensor]:
         """Raw rows (sorted, unique) from the table's own tier, on the compute device."""
         if self.placement == "device" and self.device.is_cuda:
-            idx = torch.from_numpy(rows).to(self.device.torch_device)
-            return None, torch.index_select(self._tier, 0, idx)
+            return None, take_rows(self._tier, rows)
         slot, staging = self._stage(len(rows))
         if self.placement == "mmap":
             self._check_file()
-            np.take(self._rows_np, rows, axis=0, out=staging.view(torch.uint8).numpy()
-                    .view(self._rows_np.dtype).reshape(staging.shape))
+            np.take(self._rows_np, rows, axis=0, out=as_numpy(staging).view(self._rows_np.dtype))
         else:
-            torch.index_select(self._tier, 0, torch.from_numpy(rows), out=staging)
+            take_rows(self._tier, rows, out=staging)
         return slot, self.device.to_device(staging)
 
     def gather(self, row_ids: np.ndarray) -> torch.Tensor:
@@ -159,13 +162,11 @@ class EngramTable:
                 slot, miss_raw = self._read_tier(missed)
                 raw = torch.empty((len(unique), self.header.raw_row_elems), dtype=self.dtype.torch_raw,
                                   device=self.device.torch_device)
-                dev = self.device.torch_device
-                raw[torch.from_numpy(np.flatnonzero(~hit)).to(dev)] = miss_raw
-                raw[torch.from_numpy(np.flatnonzero(hit)).to(dev)] = \
-                    self.cache.data[torch.from_numpy(cache_slots[hit]).to(dev)]
+                put_rows(raw, np.flatnonzero(~hit), miss_raw)
+                put_rows(raw, np.flatnonzero(hit), take_rows(self.cache.data, cache_slots[hit]))
                 self.cache.admit(missed, miss_raw)
                 hits = int(counts[hit].sum())
-            out = self.dtype.decode(raw[torch.from_numpy(inverse).to(raw.device)], self.compute_dtype)
+            out = self.dtype.decode(take_rows(raw, inverse), self.compute_dtype)
             if slot is not None:
                 event = self._staging_events[slot] = self.device.event()
                 event.record()

@@ -18,7 +18,7 @@ def test_pinning_without_cuda_warns_and_falls_back(ckpt_factory):
     ckpt = ckpt_factory()
     with pytest.warns(PinningUnavailableWarning):
         tables = TableSet.open(ckpt.path, ckpt.tables, placement="host", pin_memory=True, progress=False)
-    assert not tables.device.pinned and torch.equal(tables[1]._tier, ckpt.values[1])
+    assert not tables.device.pinned and torch.equal(tables[1].resident, ckpt.values[1])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")

@@ -58,7 +58,7 @@ def test_stats_count_lookups_bytes_and_utilisation(ckpt_factory):
 def test_host_load_streams_into_one_buffer(ckpt_factory):
     ckpt = ckpt_factory(dtype="float32")
     tables = TableSet.open(ckpt.path, ckpt.tables, placement="host", progress=False)
-    tier = tables[15]._tier
+    tier = tables[15].resident
     assert tier.shape == (508, 64) and torch.equal(tier, ckpt.values[15])
     assert tables.stats.snapshot()[15]["table_bytes"] == {"host": 508 * 64 * 4}
 
