@@ -46,12 +46,21 @@ def _ecdf(ax, values_ms: list[float], label: str) -> None:
 
 
 def latency_plot(comparison: dict, path: Path) -> None:
+    """ECDFs; the x axis stops at the largest 99.5th percentile of any variant so a
+    few outliers do not squash the body of the distributions (the title says so)."""
     fig, (ax_ttft, ax_itl) = plt.subplots(1, 2, figsize=(11, 4))
+    xmax = {ax_ttft: 0.0, ax_itl: 0.0}
     for name, runs in comparison["runs"].items():
         ok = [(r, i) for r in runs for i, err in enumerate(r["errors"]) if not err]
-        _ecdf(ax_ttft, [1000 * r["ttfts"][i] for r, i in ok], name)
-        _ecdf(ax_itl, [1000 * x for r, i in ok for x in r["itls"][i]], name)
+        for ax, values in ((ax_ttft, [1000 * r["ttfts"][i] for r, i in ok]),
+                           (ax_itl, [1000 * x for r, i in ok for x in r["itls"][i]])):
+            _ecdf(ax, values, name)
+            if values:
+                xmax[ax] = max(xmax[ax], float(np.percentile(values, 99.5)))
     for ax, title in ((ax_ttft, "time to first token"), (ax_itl, "inter-token latency")):
+        if xmax[ax] > 0:
+            ax.set_xlim(0, 1.05 * xmax[ax])
+            title += ", x up to p99.5"
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests" if ax is ax_ttft else "fraction of tokens")
         ax.set_title(f"{title} (CDF, all rounds)", fontsize=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 WIDTH = 50
@@ -26,6 +27,10 @@ def format_summary(result: dict) -> str:
     lines += [
         _line("Successful requests:", result["completed"]),
         _line("Failed requests:", result["failed"]),
+    ]
+    errors = Counter(e for e in result.get("errors", []) if e)
+    lines += [f"  {n} x {message[:80]}" for message, n in errors.most_common(3)]
+    lines += [
         _line("Maximum request concurrency:", result.get("max_concurrency")),
         _line("Benchmark duration (s):", result["duration"]),
         _line("Total input tokens:", result["total_input_tokens"]),
