@@ -59,8 +59,13 @@ class ShortConv(nn.Module):
         elif state is not None:
             idx = lengths.to(full.device, torch.long)[:, None] + torch.arange(self.context, device=full.device)
             state.copy_(full.gather(1, idx[:, :, None].expand(-1, -1, g * d)))
-        y = F.conv1d(full.transpose(1, 2), self.conv.weight, dilation=self.dilation, groups=g * d)
-        return F.silu(y).transpose(1, 2).reshape(b, t, g, d)
+        # Depthwise conv as kernel_size shifted multiply-adds in channels-last layout: the same sum
+        # as Conv1d, without transposes, and several times faster than mkldnn for decode's T=1.
+        taps = self.conv.weight[:, 0, :].to(normed.dtype)  # [C, kernel_size]
+        y = full[:, :t] * taps[:, 0]
+        for j in range(1, taps.shape[1]):
+            y = y.addcmul_(full[:, j * self.dilation: j * self.dilation + t], taps[:, j])
+        return F.silu(y).reshape(b, t, g, d)
 
 
 class EngramLayer(nn.Module):
