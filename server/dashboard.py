@@ -157,6 +157,7 @@ def charts(h: History) -> list[dict]:
         _chart("ttft", "Time to first token", "s", "serving", pct("time_to_first_token_seconds")),
         _chart("itl", "Inter-token latency", "s", "serving", pct("inter_token_latency_seconds")),
         _chart("e2e", "E2E request latency", "s", "serving", pct("e2e_request_latency_seconds")),
+        _chart("queue", "Queue time", "s", "serving", pct("request_queue_time_seconds")),
         _chart("wait", "Prefetch wait vs step time", "s", "engram",
                _series(h.quantile(0.5, "engram_prefetch_wait_seconds"), "wait p50"),
                _series(h.quantile(0.99, "engram_prefetch_wait_seconds"), "wait p99"),

@@ -5,21 +5,23 @@
 
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"];
 const SVG_NS = "http://www.w3.org/2000/svg";
-const W = 360, H = 150, LEFT = 46, RIGHT = 6, TOP = 8, BOTTOM = 18;
+const H = 150, LEFT = 44, RIGHT = 6, TOP = 8, BOTTOM = 18;
 let updates = 0;
 
-function fmt(v, unit) {
+// `axis` drops rate units (the legend and title carry them) so tick labels stay narrow.
+function fmt(v, unit, axis = false) {
   if (v === null || v === undefined) return "–";
+  if (v === 0) return "0";
   if (unit === "ratio") return (100 * v).toFixed(v >= 0.1 ? 0 : 1) + " %";
   if (unit === "s") return v >= 1 ? v.toFixed(2) + " s" : v >= 1e-3 ? (1e3 * v).toFixed(1) + " ms" : (1e6 * v).toFixed(0) + " µs";
   if (unit === "B/s" || unit === "B") {
     const k = ["B", "KB", "MB", "GB", "TB"];
     let i = 0;
     while (Math.abs(v) >= 1000 && i < k.length - 1) { v /= 1000; i++; }
-    return v.toFixed(v >= 100 || i === 0 ? 0 : 1) + " " + k[i] + (unit === "B/s" ? "/s" : "");
+    return v.toFixed(v >= 100 || i === 0 ? 0 : 1) + " " + k[i] + (unit === "B/s" && !axis ? "/s" : "");
   }
   const s = Math.abs(v) >= 1000 ? (v / 1000).toFixed(1) + "k" : Math.abs(v) >= 10 || v === 0 ? v.toFixed(0) : v.toPrecision(2);
-  return unit ? s + " " + unit : s;
+  return unit && !axis ? s + " " + unit : s;
 }
 
 function el(tag, attrs, ns) {
@@ -32,8 +34,8 @@ function card(chart) {
   let c = document.getElementById("chart-" + chart.id);
   if (!c) {
     c = el("div", { class: "chart", id: "chart-" + chart.id, "data-points": "0" });
-    c.append(el("h3"), el("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none" }, true), el("div", { class: "legend" }));
-    c.querySelector("h3").textContent = chart.title;
+    c.append(el("h3"), el("svg", {}, true), el("div", { class: "legend" }));
+    c.querySelector("h3").textContent = chart.title + (chart.unit && chart.unit !== "ratio" ? ` (${chart.unit})` : "");
     document.getElementById("group-" + chart.group).append(c);
   }
   return c;
@@ -41,6 +43,8 @@ function card(chart) {
 
 function draw(chart, times) {
   const c = card(chart), svg = c.querySelector("svg"), legend = c.querySelector(".legend");
+  const W = svg.clientWidth || 360;  // user units = pixels, so text is not stretched
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.replaceChildren();
   legend.replaceChildren();
   const values = chart.series.flatMap(s => s.values).filter(v => v !== null);
@@ -51,7 +55,7 @@ function draw(chart, times) {
   for (const f of [0, 0.5, 1]) {
     svg.append(el("line", { x1: LEFT, x2: W - RIGHT, y1: y(f * top), y2: y(f * top), stroke: "#e5e7eb" }, true));
     const label = el("text", { x: LEFT - 4, y: y(f * top) + 3, "text-anchor": "end" }, true);
-    label.textContent = fmt(f * top, chart.unit);
+    label.textContent = fmt(f * top, chart.unit, true);
     svg.append(label);
   }
   const span = el("text", { x: LEFT, y: H - 4 }, true);
@@ -70,7 +74,7 @@ function draw(chart, times) {
       }
       pen = true;
     });
-    svg.append(el("path", { d, fill: "none", stroke: color, "stroke-width": 1.5, "vector-effect": "non-scaling-stroke" }, true));
+    svg.append(el("path", { d, fill: "none", stroke: color, "stroke-width": 1.5 }, true));
     const last = [...s.values].reverse().find(v => v !== null);
     const item = el("span");
     item.append(el("i", { style: `background:${color}` }), `${s.name} ${fmt(last ?? null, chart.unit)}`);
