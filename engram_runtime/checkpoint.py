@@ -337,6 +337,8 @@ def init_main(argv: list[str] | None = None) -> int:
         heads_total = (args.max_ngram_size - 1) * args.heads_per_ngram
         rows = args.rows_per_head
         if args.table_gb is not None:
+            if args.table_gb <= 0:
+                raise ValueError(f"--table-gb must be positive, got {args.table_gb}")
             rows = rows_per_head_for_size(args.table_gb, heads_total, args.head_dim, args.dtype)
         rows = rows or DEFAULT_ROWS_PER_VOCAB * backbone["vocab_size"]
         cfg = EngramConfig(engram_vocab_size=[rows] * (args.max_ngram_size - 1), max_ngram_size=args.max_ngram_size,

@@ -126,6 +126,8 @@ def test_engram_init_default_layout_for_smollm2(tmp_path, capsys):
     assert init_main([str(tmp_path / "x"), "--layers", "1", "40", "--quiet"]) == 2
     assert "do not fit" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+    assert init_main([str(tmp_path / "y"), "--table-gb", "0", "--quiet"]) == 2
+    assert "--table-gb must be positive" in capsys.readouterr().err
 
 
 def test_table_size_target():
