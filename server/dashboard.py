@@ -15,7 +15,7 @@ import math
 import time
 from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -26,28 +26,27 @@ SAMPLE_INTERVAL = 2.0      # seconds between two samples of the registry
 HISTORY_SECONDS = 300.0    # what the page shows
 QUANTILE_WINDOW = 5        # samples (10 s) of bucket deltas behind each percentile point
 
-# A sample: {(sample name, ((label, value), ...)): value}, only the families the page draws.
-Sample = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+# A sample: {sample name: [(labels, value), ...]}, only the families the page draws; indexed
+# by name because every chart point looks up a few names in each of ~150 samples.
+Sample = dict[str, list[tuple[dict[str, str], float]]]
 
 
 def read_registry(registry) -> Sample:
     """The engram_* and engram_serve_* samples of a prometheus_client registry."""
     out: Sample = {}
     for family in registry.collect():
-        if not family.name.startswith("engram_"):
-            continue
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        if family.name.startswith("engram_"):
+            for s in family.samples:
+                out.setdefault(s.name, []).append((s.labels, s.value))
     return out
 
 
 def _select(sample: Sample, name: str, by: str | None) -> dict[str, float]:
     """Sum of the samples of `name`, grouped by the value of label `by` ('' when by is None)."""
     groups: dict[str, float] = {}
-    for (n, labels), value in sample.items():
-        if n == name:
-            key = dict(labels).get(by, "") if by else ""
-            groups[key] = groups.get(key, 0.0) + value
+    for labels, value in sample.get(name, ()):
+        key = labels.get(by, "") if by else ""
+        groups[key] = groups.get(key, 0.0) + value
     return groups
 
 
@@ -104,29 +103,28 @@ class History:
         keys = sorted({k for x in selected for k in x})
         return {k: [x.get(k) for x in selected] for k in keys}
 
-    def quantile(self, q: float, name: str, by: str | None = None) -> dict[str, list[float | None]]:
-        """histogram_quantile(q, increase(name_bucket[window])) at each sample, per label value."""
-        s = list(self.samples)
-        per_sample = [self._buckets(x, name + "_bucket", by) for x in s]
+    def quantiles(self, name: str, qs: tuple[float, ...] = (0.5, 0.99), by: str | None = None
+                  ) -> dict[float, dict[str, list[float | None]]]:
+        """histogram_quantile(q, increase(name_bucket[window])) at each sample, per q and label value."""
+        per_sample = [self._buckets(x, name + "_bucket", by) for x in self.samples]
         keys = sorted({k for b in per_sample for k in b})
-        out: dict[str, list[float | None]] = {k: [] for k in keys}
-        for i in range(1, len(s)):
+        out: dict[float, dict[str, list[float | None]]] = {q: {k: [] for k in keys} for q in qs}
+        for i in range(1, len(per_sample)):
             old = per_sample[max(0, i - QUANTILE_WINDOW)]
             for k in keys:
                 cur, before = per_sample[i].get(k, {}), old.get(k, {})
                 delta = {le: cur[le] - before.get(le, 0.0) for le in cur}
-                out[k].append(histogram_quantile(q, delta))
+                for q in qs:
+                    out[q][k].append(histogram_quantile(q, delta))
         return out
 
     @staticmethod
     def _buckets(sample: Sample, bucket_name: str, by: str | None) -> dict[str, dict[float, float]]:
         out: dict[str, dict[float, float]] = {}
-        for (n, labels), value in sample.items():
-            if n == bucket_name:
-                d = dict(labels)
-                group = out.setdefault(d.get(by, "") if by else "", {})
-                le = float(d["le"])
-                group[le] = group.get(le, 0.0) + value
+        for labels, value in sample.get(bucket_name, ()):
+            group = out.setdefault(labels.get(by, "") if by else "", {})
+            le = float(labels["le"])
+            group[le] = group.get(le, 0.0) + value
         return out
 
 
@@ -143,7 +141,11 @@ def _chart(cid: str, title: str, unit: str, group: str, *series: list[dict]) -> 
 def charts(h: History) -> list[dict]:
     """The page's charts; the same figures as the Grafana dashboard (docker/grafana)."""
     p = "engram_serve_"
-    pct = lambda name: _series(h.quantile(0.5, p + name), "p50") + _series(h.quantile(0.99, p + name), "p99")
+
+    def pct(name: str, prefix: str = "") -> list[dict]:
+        by_q = h.quantiles(name)
+        return _series(by_q[0.5], prefix + "p50") + _series(by_q[0.99], prefix + "p99")
+
     return [
         _chart("throughput", "Token throughput", "tok/s", "serving",
                _series(h.rate(p + "generation_tokens_total"), "generation"),
@@ -154,15 +156,12 @@ def charts(h: History) -> list[dict]:
                _series(h.gauge(p + "num_requests_running"), "running"),
                _series(h.gauge(p + "num_requests_waiting"), "waiting")),
         _chart("kv", "KV cache usage", "ratio", "serving", _series(h.gauge(p + "kv_cache_usage_perc"), "KV cache")),
-        _chart("ttft", "Time to first token", "s", "serving", pct("time_to_first_token_seconds")),
-        _chart("itl", "Inter-token latency", "s", "serving", pct("inter_token_latency_seconds")),
-        _chart("e2e", "E2E request latency", "s", "serving", pct("e2e_request_latency_seconds")),
-        _chart("queue", "Queue time", "s", "serving", pct("request_queue_time_seconds")),
+        _chart("ttft", "Time to first token", "s", "serving", pct(p + "time_to_first_token_seconds")),
+        _chart("itl", "Inter-token latency", "s", "serving", pct(p + "inter_token_latency_seconds")),
+        _chart("e2e", "E2E request latency", "s", "serving", pct(p + "e2e_request_latency_seconds")),
+        _chart("queue", "Queue time", "s", "serving", pct(p + "request_queue_time_seconds")),
         _chart("wait", "Prefetch wait vs step time", "s", "engram",
-               _series(h.quantile(0.5, "engram_prefetch_wait_seconds"), "wait p50"),
-               _series(h.quantile(0.99, "engram_prefetch_wait_seconds"), "wait p99"),
-               _series(h.quantile(0.5, p + "step_seconds"), "step p50"),
-               _series(h.quantile(0.99, p + "step_seconds"), "step p99")),
+               pct("engram_prefetch_wait_seconds", "wait "), pct(p + "step_seconds", "step ")),
         _chart("hits", "Hot-row cache hit rate", "ratio", "engram", _hit_rate(h)),
         _chart("rows", "Rows gathered", "rows/s", "engram",
                _series(h.rate("engram_gather_rows_total", "layer"), "layer {}")),
@@ -228,12 +227,13 @@ async def dashboard_data(request: Request) -> dict:
     """Everything the page draws: sample times, charts, and the latest table bytes."""
     history: History = request.app.state.dashboard_history
     client = request.app.state.client
-    times = list(history.times)[1:]
+    # A frozen copy, so the charts (tens of ms of Python) run off the event loop while it samples on.
+    frozen = replace(history, times=deque(history.times), samples=deque(history.samples))
     return {
         "model": client.model_name if client.metrics is not None else None,
         "state": client.state.value,
         "interval": SAMPLE_INTERVAL,
-        "times": times,
-        "charts": charts(history) if times else [],
-        "table_bytes": table_bytes(history.samples[-1]) if history.samples else {},
+        "times": list(frozen.times)[1:],
+        "charts": await asyncio.to_thread(charts, frozen) if len(frozen.times) > 1 else [],
+        "table_bytes": table_bytes(frozen.samples[-1]) if frozen.samples else {},
     }

@@ -5,7 +5,7 @@
 
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"];
 const SVG_NS = "http://www.w3.org/2000/svg";
-const H = 150, LEFT = 44, RIGHT = 6, TOP = 8, BOTTOM = 18;
+const H = 150, LEFT = 52, RIGHT = 6, TOP = 8, BOTTOM = 18;
 let updates = 0;
 
 // `axis` drops rate units (the legend and title carry them) so tick labels stay narrow.
@@ -13,7 +13,10 @@ function fmt(v, unit, axis = false) {
   if (v === null || v === undefined) return "–";
   if (v === 0) return "0";
   if (unit === "ratio") return (100 * v).toFixed(v >= 0.1 ? 0 : 1) + " %";
-  if (unit === "s") return v >= 1 ? v.toFixed(2) + " s" : v >= 1e-3 ? (1e3 * v).toFixed(1) + " ms" : (1e6 * v).toFixed(0) + " µs";
+  if (unit === "s") {
+    const [x, u] = v >= 1 ? [v, "s"] : v >= 1e-3 ? [1e3 * v, "ms"] : [1e6 * v, "µs"];
+    return x.toFixed(x >= 100 ? 0 : 1) + " " + u;
+  }
   if (unit === "B/s" || unit === "B") {
     const k = ["B", "KB", "MB", "GB", "TB"];
     let i = 0;

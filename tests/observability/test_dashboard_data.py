@@ -60,7 +60,7 @@ def test_rates_gauges_and_quantiles_from_samples(metrics):
     metrics["success"].labels("m", "length").inc(4)
     h.add(106.0, read_registry(metrics["registry"]))
 
-    assert not any(name.startswith("process_") for name, _ in h.samples[-1])
+    assert not any(name.startswith("process_") for name in h.samples[-1])
     assert h.rate("engram_serve_generation_tokens_total") == {"": [20.0, 5.0, 0.0]}
     # a label value that appears later has a gap, not a made-up zero (as rate() in Prometheus)
     assert h.rate("engram_serve_request_success_total", "finished_reason") == {
@@ -68,9 +68,10 @@ def test_rates_gauges_and_quantiles_from_samples(metrics):
     assert h.gauge("engram_serve_num_requests_running") == {"": [3.0, 3.0, 3.0]}
     assert h.gauge("engram_gate_mean", "layer") == {"1": [0.25, 0.25, 0.25]}
     # one observation in each of (0, 0.01], (0.01, 0.1], (0.1, 1]: rank 1.5 is half-way into the second
-    assert h.quantile(0.5, "engram_prefetch_wait_seconds")[""][0] == pytest.approx(0.055)
-    per_layer = h.quantile(0.5, "engram_prefetch_wait_seconds", "layer")
-    assert per_layer["1"][0] == pytest.approx(0.01) and per_layer["15"][0] == pytest.approx(0.55)
+    assert h.quantiles("engram_prefetch_wait_seconds")[0.5][""][0] == pytest.approx(0.055)
+    per_layer = h.quantiles("engram_prefetch_wait_seconds", (0.5, 1.0), "layer")
+    assert per_layer[0.5]["1"][0] == pytest.approx(0.01) and per_layer[0.5]["15"][0] == pytest.approx(0.55)
+    assert per_layer[1.0]["1"] == [pytest.approx(0.1)] * 3  # the window still holds the observations
 
 
 def test_quantile_window_forgets_old_observations(metrics):
@@ -78,7 +79,7 @@ def test_quantile_window_forgets_old_observations(metrics):
     metrics["wait"].labels("1").observe(0.5)
     for i in range(QUANTILE_WINDOW + 2):
         h.add(float(i), read_registry(metrics["registry"]))
-    values = h.quantile(0.5, "engram_prefetch_wait_seconds")[""]
+    values = h.quantiles("engram_prefetch_wait_seconds")[0.99][""]
     assert values == [None] * (QUANTILE_WINDOW + 1)  # the one observation predates every window
 
 
@@ -87,7 +88,8 @@ def test_counter_reset_is_not_a_negative_rate(metrics):
     metrics["tokens"].inc(100)
     h.add(0.0, read_registry(metrics["registry"]))
     sample = read_registry(metrics["registry"])
-    h.add(1.0, {k: 0.0 if k[0] == "engram_serve_generation_tokens_total" else v for k, v in sample.items()})
+    sample["engram_serve_generation_tokens_total"] = [({"model_name": "m"}, 0.0)]  # a restarted process
+    h.add(1.0, sample)
     assert h.rate("engram_serve_generation_tokens_total") == {"": [0.0]}
 
 
