@@ -21,8 +21,8 @@ from engram_runtime.model_runner import ModelRunner, Row, parse_dtype
 from engram_runtime.sampling import SamplingParams, sample
 from engram_runtime.scheduler import ScheduledBatch, Scheduler
 from engram_runtime.sequence import IncrementalDetokenizer, RequestOutput, Sequence
-from engram_runtime.tokenizer import eos_token_ids, load_tokenizer
-from engram_runtime.weights import load_weights, resolve_model_path
+from engram_runtime.tokenizer import eos_token_ids
+from engram_runtime.weights import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,14 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        """loaded: weights + tokenizer already read for config.model (tests reuse one load)."""
         self.config = config
-        path = resolve_model_path(config.model)
-        model_config, state_dict = load_weights(path)
+        loaded = loaded or load_model(config.model)
+        model_config, state_dict = loaded.config, loaded.state_dict
         self.model_config = model_config
         self.model_name = model_config.name if config.model is None else str(config.model)
-        self.tokenizer = load_tokenizer(path)
+        self.tokenizer = loaded.tokenizer
         self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.eos_token_ids)
         self.max_model_len = config.max_model_len or min(
             model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN
@@ -70,7 +71,6 @@ class LLMEngine:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         dtype = parse_dtype(config.dtype)
         self.runner = ModelRunner(model_config, state_dict, dtype, config.max_num_seqs, self.max_model_len)
-        del state_dict
         self.engram = None
         self.table_stats = None
         self.engram_layer_ids: list[int] = []
@@ -216,7 +216,7 @@ class LLMEngine:
         for group in self._forward_groups(batch):
             seqs, rows = zip(*group)
             try:
-                hook = self.engram.step_hook(list(seqs), list(rows)) if self.engram else None
+                hook = self.engram.step_hook([s.all_token_ids for s in seqs], list(rows)) if self.engram else None
                 out = self.runner.forward(list(rows), hook)
             except Exception as exc:  # a failing batch must not take the loop down
                 log.exception("forward failed")
@@ -298,9 +298,7 @@ class LLMEngine:
                 self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.scheduler.finish(seq)
-        if self.engram is not None:
-            self.engram.release(seq)
+        self.scheduler.finish(seq)  # frees the KV slot; the Engram conv state is reset when the slot is reused
         with self._lock:
             self._live.pop(seq.request_id, None)
 

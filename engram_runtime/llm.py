@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from engram_runtime.engine import EngineConfig, LLMEngine
 from engram_runtime.sampling import SamplingParams
 from engram_runtime.sequence import RequestOutput
+from engram_runtime.weights import LoadedModel
 
 
 @dataclass
@@ -24,8 +25,10 @@ class CompletionOutput:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, engram: str | None = None, **engine_kwargs):
-        self.engine = LLMEngine(EngineConfig(model=model, engram=engram, **engine_kwargs))
+    def __init__(self, model: str | None = None, engram: str | None = None, loaded: LoadedModel | None = None,
+                 **engine_kwargs):
+        """engine_kwargs: EngineConfig fields (dtype, max_num_seqs, ...)."""
+        self.engine = LLMEngine(EngineConfig(model=model, engram=engram, **engine_kwargs), loaded)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

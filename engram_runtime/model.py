@@ -45,7 +45,7 @@ class AttentionInputs:
     kv_len: int
     mask: torch.Tensor
     cos: torch.Tensor  # [B, T, 1, head_dim]
-    sin: torch.Tensor
+    sin: torch.Tensor  # signed, see rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -55,25 +55,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 like transformers' LlamaRMSNorm, then cast back
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # one fused kernel (accumulates in float32 for bfloat16 inputs)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_tables(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_len, head_dim] in the HF (rotate-half) layout, float32."""
+    """cos and signed sin [max_len, head_dim], float32, for the HF (rotate-half) layout:
+    rotate_half(x) * sin == roll(x, half) * signed_sin, which saves a cat and a neg per call."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -89,11 +85,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
-        qs, kvs = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = self.wqkv(x).split([qs, kvs, kvs], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), a.cos, a.sin)
-        k = apply_rope(k.view(B, T, self.n_kv, self.head_dim), a.cos, a.sin)
-        v = v.view(B, T, self.n_kv, self.head_dim)
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], a.cos, a.sin)  # q and k heads in one go
+        q, k = qk.split([self.n_heads, self.n_kv], dim=2)
+        v = qkv[:, :, self.n_heads + self.n_kv :]
         # scatter this step's K/V into the static cache, then attend over the cache
         self.k_cache[a.write_slots, :, a.write_pos] = k.to(self.k_cache.dtype)
         self.v_cache[a.write_slots, :, a.write_pos] = v.to(self.v_cache.dtype)
@@ -111,7 +106,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=a.mask, enable_gqa=True)
         if a.q_rows is not None:
             out = out[a.q_rows]
-        return self.wo(out.transpose(1, 2).reshape(B, T, qs))
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -185,7 +180,8 @@ class Transformer(nn.Module):
         return self.output(self.norm(x)).float()
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Map HF Llama names onto this module, fusing q/k/v and gate/up."""
+        """Map HF Llama names onto this module, fusing q/k/v and gate/up. Tensors are
+        assigned, not copied, so the module can be built on the meta device."""
         mine: dict[str, torch.Tensor] = {
             "tok_embeddings.weight": sd["model.embed_tokens.weight"],
             "norm.weight": sd["model.norm.weight"],
@@ -203,6 +199,6 @@ class Transformer(nn.Module):
                 [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]
             )
             mine[f"layers.{i}.feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
-        self.load_state_dict(mine, strict=True)
+        self.load_state_dict(mine, strict=True, assign=True)
         if self.config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight

@@ -44,7 +44,8 @@ class ModelRunner:
         self.dtype = dtype
         self.num_slots = num_slots
         self.max_model_len = max_model_len
-        model = Transformer(config)
+        with torch.device("meta"):  # no random init of 100M+ parameters we overwrite anyway
+            model = Transformer(config)
         model.load_hf_state_dict(state_dict)
         self.model = model.to(dtype).eval().requires_grad_(False)
         # one scratch position past the end: padded tokens write their K/V there
@@ -63,9 +64,7 @@ class ModelRunner:
         T = int(lens.max())
         starts = torch.tensor([r.start_pos for r in rows])
         slots = torch.tensor([r.slot for r in rows])
-        input_ids = torch.zeros(B, T, dtype=torch.long)
-        for b, r in enumerate(rows):
-            input_ids[b, : len(r.token_ids)] = torch.tensor(r.token_ids)
+        input_ids = torch.tensor([r.token_ids + [0] * (T - len(r.token_ids)) for r in rows])
         t = torch.arange(T)
         positions = starts[:, None] + t[None, :]
         valid = t[None, :] < lens[:, None]

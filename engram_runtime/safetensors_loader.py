@@ -26,6 +26,10 @@ def read_hf_config(path: Path) -> ModelConfig:
         raise ModelLoadError(
             f"{cfg_file}: unsupported architecture '{model_type}' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    # transformers >= 5 nests rope settings in rope_parameters; older files use rope_theta/rope_scaling
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ModelLoadError(f"{cfg_file}: unsupported rope scaling {rope} (only plain RoPE is implemented)")
     heads = raw["num_attention_heads"]
     eos = raw.get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
@@ -38,7 +42,7 @@ def read_hf_config(path: Path) -> ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=raw.get("num_key_value_heads") or heads,
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),

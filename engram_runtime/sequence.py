@@ -102,13 +102,11 @@ class Sequence:
         """Record a sampled token, extend the text and decide whether we are done."""
         self.output_token_ids.append(token_id)
         p = self.params
-        if not p.ignore_eos and token_id in self.eos_token_ids:
+        if (not p.ignore_eos and token_id in self.eos_token_ids) or token_id in p.stop_token_ids:
             self.finish_reason = "stop"
-            return  # the eos token adds no text
+            return  # like vLLM: a stop token is in token_ids but adds no text
         self.text += self.detokenizer.add([token_id])
-        if token_id in p.stop_token_ids:
-            self.finish_reason = "stop"
-        elif p.stop and self._truncate_at_stop():
+        if p.stop and self._truncate_at_stop():
             self.finish_reason = "stop"
         elif len(self.output_token_ids) >= p.max_tokens or self.num_tokens >= max_model_len:
             self.finish_reason = "length"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,3 +60,22 @@ def load_weights(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from engram_runtime.safetensors_loader import load_hf_dir
 
     return load_hf_dir(path)
+
+
+@dataclass
+class LoadedModel:
+    """Everything read from disk for one model; an engine can be built from it
+    without touching the file again (tests build many small engines from one load)."""
+
+    path: str
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: object
+
+
+def load_model(model: str | os.PathLike | None) -> LoadedModel:
+    from engram_runtime.tokenizer import load_tokenizer
+
+    path = resolve_model_path(model)
+    config, state_dict = load_weights(path)
+    return LoadedModel(path, config, state_dict, load_tokenizer(path))

@@ -1,0 +1,156 @@
+"""Decode throughput: this runtime vs transformers' generate vs the matmul-only roofline.
+
+All three run in this one process, interleaved per (dtype, batch), so their ratios
+hold on a noisy machine. Decode tok/s = tokens produced by decode steps only
+(prefill excluded) / their wall time.
+
+- runtime: LLMEngine stepped in this thread; B identical-length prompts, prefill
+  first, then `--steps` timed decode steps.
+- transformers: AutoModelForCausalLM from the same GGUF in the same dtype;
+  generate(max_new_tokens=steps+1) minus generate(max_new_tokens=1) (= prefill).
+- roofline: every weight matrix of the model (q, k, v, o, gate, up, down per layer,
+  lm_head) as stored by transformers, multiplied by a [B, in] activation with
+  F.linear in a loop, nothing else: what the GEMMs alone cost per decode step.
+
+    python -m bench.generate [--quick] [--batches 1 8 32 128] [--dtypes float32 bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.model_runner import parse_dtype
+from engram_runtime.sampling import SamplingParams
+from engram_runtime.weights import LoadedModel, load_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def roofline(loaded: LoadedModel, dtype: torch.dtype, batch: int, reps: int) -> float:
+    weights = [w.to(dtype) for name, w in loaded.state_dict.items() if w.dim() == 2 and "embed" not in name]
+    if loaded.config.tie_word_embeddings:
+        weights.append(loaded.state_dict["model.embed_tokens.weight"].to(dtype))
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=dtype) for w in weights}
+
+    def step():
+        for w in weights:
+            F.linear(xs[w.shape[1]], w)
+
+    step()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times)
+
+
+def runtime_decode(engine: LLMEngine, prompt: list[int], batch: int, steps: int) -> float:
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request(prompt, params, lambda out: None)
+    engine._drain_inbox()
+    while any(s.in_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()  # warm-up decode step
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    dt = time.perf_counter() - t
+    engine.run_until_done()
+    return batch * steps / dt
+
+
+def transformers_decode(model, prompt: list[int], batch: int, steps: int) -> float:
+    ids = torch.tensor([prompt] * batch)
+    kw = dict(do_sample=False, pad_token_id=2, eos_token_id=None)
+
+    def gen(n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        assert out.shape[1] == len(prompt) + n
+        return time.perf_counter() - t
+
+    gen(2)  # warm-up
+    return batch * steps / (gen(steps + 1) - gen(1))
+
+
+def load_transformers(path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.to(dtype).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF file or HF dir (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32, 128])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps per measurement")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="batches 1 8, 4 steps: checks the script runs")
+    ap.add_argument("--out", default=str(RESULTS / "generate.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batches, args.steps = [1, 8], 4
+
+    loaded = load_model(args.model)
+    text = "The history of the city begins with a small settlement on the river, where traders"
+    prompt = (loaded.tokenizer(text, add_special_tokens=False).input_ids * 8)[: args.prompt_len]
+    max_len = args.prompt_len + args.steps + 8
+    load_before = os.getloadavg()
+    results: dict = {}
+    for dtype_name in args.dtypes:
+        dtype = parse_dtype(dtype_name)
+        engine = LLMEngine(EngineConfig(dtype=dtype_name, max_num_seqs=max(args.batches), max_model_len=max_len,
+                                        max_num_batched_tokens=max(4096, max(args.batches) * args.prompt_len)),
+                           loaded)
+        hf = None if args.no_transformers else load_transformers(loaded.path, dtype)
+        per_batch = {}
+        for b in args.batches:
+            row = {"roofline": roofline(loaded, dtype, b, reps=max(3, args.steps // 4)),
+                   "runtime": runtime_decode(engine, prompt, b, args.steps)}
+            if hf is not None:
+                row["transformers"] = transformers_decode(hf, prompt, b, args.steps)
+                row["runtime_vs_transformers"] = row["runtime"] / row["transformers"]
+            row["runtime_vs_roofline"] = row["runtime"] / row["roofline"]
+            per_batch[str(b)] = row
+            print(dtype_name, b, {k: round(v, 2) for k, v in row.items()}, flush=True)
+        results[dtype_name] = per_batch
+        del engine, hf
+    report = {
+        "unit": "decode tokens/s (aggregate over the batch)",
+        "model": loaded.path,
+        "prompt_len": args.prompt_len,
+        "decode_steps": args.steps,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The engine's Engram side: checkpoint, hasher, tables + prefetcher, per-slot conv state.
+
+Per step the engine hands over the rows it is about to run; we hash each row's
+new tokens (with its N-1 previous tokens as context, so chunked prefill and
+decode hash exactly like one pass over the sequence), submit the row ids to the
+prefetcher at once, and return the hook the decoder blocks call at the Engram
+layers: it waits for that layer's rows, runs the EngramLayer with the batch's
+conv states (kept per KV slot) and records the gates.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engram_runtime.checkpoint import load_checkpoint
+from engram_runtime.compression import CompressedTokenizer
+from engram_runtime.engram import EngramLayer
+from engram_runtime.hashing import NgramHasher
+from engram_runtime.model_runner import ModelRunner, Row
+from offload.prefetch import Prefetcher, Ticket
+from offload.store import TableSet
+
+
+class EngramStepHook:
+    """Called by the decoder blocks as `engram(layer_id, hidden [B, T, D]) -> [B, T, D]`."""
+
+    def __init__(self, runtime: "EngramRuntime", ticket: Ticket, slots: torch.Tensor, lengths: torch.Tensor):
+        self.runtime, self.ticket, self.slots, self.lengths = runtime, ticket, slots, lengths
+        self._gates: dict[int, list[float]] = {}
+
+    def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
+        B, T, D = hidden.shape
+        layer = self.runtime.layers[layer_id]
+        emb = self.ticket.wait(layer_id).view(B, T, layer.cfg.heads_total, layer.cfg.head_dim)
+        states = self.runtime.conv_states[layer_id]
+        state = states[self.slots]  # gathered copy, written back below
+        padded = bool((self.lengths != T).any())
+        out = layer(hidden.unsqueeze(2), emb, state, self.lengths if padded else None)
+        states[self.slots] = state
+        last = layer.last_gate.mean(dim=-1)[torch.arange(B), self.lengths - 1]  # gate at each row's newest token
+        self._gates[layer_id] = last.float().tolist()
+        return out.squeeze(2)
+
+    def gates(self, row: int) -> dict[int, float]:
+        return {lid: g[row] for lid, g in self._gates.items()}
+
+
+class EngramRuntime:
+    def __init__(self, layers: dict[int, EngramLayer], hasher: NgramHasher, tables: TableSet,
+                 prefetcher: Prefetcher, runner: ModelRunner):
+        self.layers, self.hasher, self.tables, self.prefetcher = layers, hasher, tables, prefetcher
+        self.layer_ids = sorted(layers)
+        self.table_stats = tables.stats
+        self.ngram = hasher.cfg.max_ngram_size
+        self.pad_id = hasher.cfg.pad_id
+        runner.model.set_engram_layers(self.layer_ids)
+        self.conv_states = {
+            lid: layer.new_conv_state(runner.num_slots, dtype=runner.dtype) for lid, layer in layers.items()
+        }
+
+    @classmethod
+    def load(cls, config, tokenizer, runner: ModelRunner) -> "EngramRuntime":
+        """config: EngineConfig (engram dir, placement, cache, prefetch, verification)."""
+        ckpt = load_checkpoint(config.engram, verify_tables=config.verify_tables)
+        mc = runner.config
+        ckpt.check_backbone(mc.hidden_size, mc.num_hidden_layers, mc.vocab_size)
+        if config.table_dtype is not None:
+            stored = {e["dtype"] for e in ckpt.tables_manifest.values()}
+            if stored != {config.table_dtype}:
+                raise ValueError(
+                    f"Engram checkpoint {config.engram} stores tables as {sorted(stored)}, not "
+                    f"{config.table_dtype}; convert it first with `engram-convert --dtype {config.table_dtype}`"
+                )
+        hasher = NgramHasher(ckpt.config, CompressedTokenizer.from_tokenizer(tokenizer))
+        tables = TableSet.open(ckpt.path, ckpt.tables_manifest, placement=config.table_placement, device="cpu",
+                               compute_dtype=runner.dtype, cache_rows=config.cache_rows, verify_hash=False)
+        prefetcher = Prefetcher(tables, ckpt.head_offsets, enabled=config.prefetch)
+        return cls(ckpt.build_layers(dtype=runner.dtype), hasher, tables, prefetcher, runner)
+
+    def step_rows(self, token_ids: list[list[int]], rows: list[Row]) -> dict[int, np.ndarray]:
+        """Row ids [B*T, heads_total] per layer for the (right-padded) batch of `rows`;
+        token_ids[b]: row b's sequence so far (at least up to the row's last token)."""
+        n = self.ngram
+        T = max(len(r.token_ids) for r in rows)
+        windows = np.full((len(rows), T + n - 1), self.pad_id, dtype=np.int64)
+        for b, (ids, row) in enumerate(zip(token_ids, rows)):
+            start = row.start_pos
+            ctx = ids[max(0, start - (n - 1)) : start + len(row.token_ids)]
+            lead = max(0, (n - 1) - start)  # sequence start: left-pad like the reference
+            windows[b, lead : lead + len(ctx)] = ctx
+        hashed = self.hasher.hash(windows)
+        return {lid: h[:, n - 1 :].reshape(-1, h.shape[-1]) for lid, h in hashed.items()}
+
+    def step_hook(self, token_ids: list[list[int]], rows: list[Row]) -> EngramStepHook:
+        """Hash and submit this forward's rows now; the returned hook is the model's `engram`."""
+        ticket = self.prefetcher.submit(self.step_rows(token_ids, rows))
+        slots = torch.tensor([r.slot for r in rows])
+        fresh = [r.slot for r in rows if r.start_pos == 0]
+        for states in self.conv_states.values():
+            states[fresh] = 0  # a new sequence in a reused slot starts with an empty conv state
+        return EngramStepHook(self, ticket, slots, torch.tensor([len(r.token_ids) for r in rows]))
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.tables.close()
