@@ -10,8 +10,11 @@ table do not fit in RAM next to each other): no Engram; tables of ``--small-gb``
 in RAM; tables of ``--table-gb`` in RAM, in RAM without prefetch, ``mmap`` with a
 row cache, and fp8.  Every goal is a ratio of two configurations paired by round
 (min / median / max over rounds).  The workload is the built-in prompt set with
-``ignore_eos`` (natural text, so N-gram traffic is Zipfian as in real use, which is
-what the row cache relies on; random-token prompts would defeat any cache).
+``ignore_eos`` and sampling at temperature 1 (natural text, so N-gram traffic is
+Zipfian as in real use, which is what the row cache relies on, without replaying one
+greedy text per prompt, which would flatter it; random-token prompts would defeat any
+cache).  Every variant gets the same prompts and token counts; sampled tokens differ,
+which changes no compute but the cache's and page cache's hits.
 Run it on a quiet machine: a figure taken while others compute is void.
 Writes bench/results/overhead.json, overhead.md and PNG plots per concurrency.
 """
@@ -52,6 +55,7 @@ class OverheadConfig:
     output_len: int = 128
     rounds: int = 3
     cache_rows: int = 1 << 20
+    temperature: float = 1.0  # sampled continuations: the 16 prompts do not replay one text
     server_args: list[str] = field(default_factory=list)
     ckpt_dir: Path = Path.home() / ".cache" / "engram-serve" / "loadtest"
     out_dir: Path = RESULTS
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in cfg.concurrencies:
         workload = WorkloadConfig(dataset="builtin", num_prompts=c * cfg.prompts_per_slot,
                                   output_len=cfg.output_len)
-        run_kwargs = {"max_concurrency": c, "warmup_requests": c, "request_rate": float("inf")}
+        run_kwargs = {"max_concurrency": c, "warmup_requests": c, "request_rate": float("inf"),
+                      "temperature": cfg.temperature}
         compare_cfg = CompareConfig(
             variants=vs, server_cmd=default_server_cmd(),
             server_args=["--max-num-seqs", str(max(16, c))] + cfg.server_args,

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import httpx
+import numpy as np
 from tqdm.asyncio import tqdm
 
 from loadtest.client import RequestResult, RequestSettings, send_request
 from loadtest.metrics import summarize
 from loadtest.scrape import engram_figures, fetch_metrics, server_token_counts
-from loadtest.workload import SampleRequest, arrival_offsets
+from loadtest.workload import SampleRequest, WorkloadConfig, arrival_offsets, build_requests
 
 
 class TargetError(RuntimeError):
@@ -63,6 +64,16 @@ async def discover_model(client: httpx.AsyncClient, cfg: RunConfig) -> str:
         ) from None
 
 
+def warmup_requests(requests: list[SampleRequest], n: int, seed: int) -> list[SampleRequest]:
+    """Random-token requests shaped like the workload's (median lengths): they warm the
+    server's code paths and batch shapes, but not its Engram row cache with the very
+    N-grams about to be measured, which would flatter a cached configuration."""
+    in_len = int(np.median([r.prompt_len or len(str(r.prompt).split()) for r in requests]))
+    out_len = int(np.median([r.output_len for r in requests]))
+    return build_requests(WorkloadConfig(num_prompts=n, input_len=max(1, in_len),
+                                         output_len=max(1, out_len), seed=seed + 1_000_003))
+
+
 async def _send_all(
     client: httpx.AsyncClient,
     cfg: RunConfig,
@@ -103,7 +114,7 @@ async def run_async(cfg: RunConfig, requests: list[SampleRequest]) -> dict:
             api_key=cfg.api_key, endpoint=cfg.endpoint,
         )
         if cfg.warmup_requests:
-            warm = [requests[i % len(requests)] for i in range(cfg.warmup_requests)]
+            warm = warmup_requests(requests, cfg.warmup_requests, cfg.seed)
             await _send_all(client, cfg, settings, warm, [0.0] * len(warm), None)
         before = await fetch_metrics(client, cfg.base_url) if cfg.scrape else None
         offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.burstiness, cfg.seed)
