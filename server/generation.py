@@ -68,13 +68,16 @@ def sampling_params(req: SamplingFields, client: EngineClient, max_tokens: int,
         raise APIError(400, "engram_gates needs an Engram model; this server runs without Engram",
                        param="engram_gates")
     check_token_ids(req.stop_token_ids, len(engine.tokenizer), "stop_token_ids")
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-        seed=None if req.seed is None else (req.seed + choice) % 2**63,
-        stop=req.stop_list(), stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-        engram_gates=has_engram,  # always on with Engram: feeds engram_gate_mean
-    )
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            seed=None if req.seed is None else (req.seed + choice) % 2**63,
+            stop=req.stop_list(), stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            engram_gates=has_engram,  # always on with Engram: feeds engram_gate_mean
+        )
+    except ValueError as e:  # the engine's own checks, should ours ever be looser
+        raise APIError(400, str(e)) from None
 
 
 class TokenText:

@@ -42,6 +42,8 @@ def _servers(engram_ckpt, tmp_path_factory):
     for srv in (main, small):
         srv.start()
     yield {"main": main, "small": small}
+    for srv in (main, small):  # both drain and exit in parallel
+        srv.signal()
     for srv in (main, small):
         srv.stop()
 
