@@ -24,7 +24,7 @@ from engram_runtime.compression import CompressedTokenizer
 from engram_runtime.engram import EngramLayer
 from engram_runtime.hashing import NgramHasher
 from engram_runtime.model import AttentionInputs, Transformer, rope_tables
-from engram_runtime.weights import load_weights, resolve_model_path
+from engram_runtime.weights import load_model
 from offload.dtypes import TableDType, table_dtype
 from offload.tablefile import map_rows, read_header
 
@@ -35,24 +35,14 @@ class Rows:
     inverse: torch.Tensor   # int64 [B, T, heads_total] index into `unique`
 
 
-def load_tokenizer(model_path: str):
-    """The backbone's Hugging Face tokenizer: from the GGUF file itself, or the model directory."""
-    from transformers import AutoTokenizer
-
-    p = Path(model_path)
-    if p.is_file():
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    return AutoTokenizer.from_pretrained(str(p))
-
-
 def load_backbone(model: str | None) -> tuple[Transformer, object]:
-    """Frozen backbone (float32, eval mode, requires_grad False everywhere) and its tokenizer."""
-    path = resolve_model_path(model)
-    config, sd = load_weights(path)
-    backbone = Transformer(config)
-    backbone.load_hf_state_dict(sd)
+    """Frozen backbone (float32, eval mode, requires_grad False everywhere) and its tokenizer,
+    read by the runtime's loader (GGUF or HF directory), so training sees the served weights."""
+    loaded = load_model(model)
+    backbone = Transformer(loaded.config)
+    backbone.load_hf_state_dict(loaded.state_dict)
     backbone.requires_grad_(False).eval()
-    return backbone, load_tokenizer(path)
+    return backbone, loaded.tokenizer
 
 
 class EngramLM:

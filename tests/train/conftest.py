@@ -16,8 +16,6 @@ from safetensors.torch import save_file
 
 from engram_runtime.checkpoint import backbone_info, init_checkpoint
 from engram_runtime.engram_config import EngramConfig
-from engram_runtime.weights import default_model_path
-from train.engram_model import load_tokenizer
 
 TINY = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -26,7 +24,7 @@ TINY = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 64, "intermed
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
+def tiny_model(tmp_path_factory, tokenizer) -> Path:
     d = tmp_path_factory.mktemp("tiny_llama")
     (d / "config.json").write_text(json.dumps(TINY))
     g = torch.Generator().manual_seed(0)
@@ -42,7 +40,7 @@ def tiny_model(tmp_path_factory) -> Path:
         sd[p + "input_layernorm.weight"] = torch.ones(h)
         sd[p + "post_attention_layernorm.weight"] = torch.ones(h)
     save_file(sd, str(d / "model.safetensors"))
-    load_tokenizer(default_model_path()).save_pretrained(str(d))
+    tokenizer.save_pretrained(str(d))     # the shared session tokenizer (tests/conftest.py)
     return d
 
 
