@@ -112,8 +112,6 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--model {args.model}: no such file or directory")
     if args.engram is not None and args.no_engram:
         parser.error("--engram and --no-engram exclude each other")
-    if args.engram is not None and not (Path(args.engram) / "engram.json").is_file():
-        parser.error(f"--engram {args.engram}: not an Engram checkpoint (no engram.json there)")
 
 
 def _engram_dir(args: argparse.Namespace) -> str | None:
@@ -134,8 +132,22 @@ def _engram_dir(args: argparse.Namespace) -> str | None:
         raise SystemExit(2)
 
 
+def _check_checkpoint(path: str | None) -> None:
+    """Manifest, table sizes and dense weights checked in a second, before the model loads for long."""
+    if path is None:
+        return
+    from engram_runtime.checkpoint import EngramCheckpointError, load_checkpoint
+    try:
+        load_checkpoint(path, verify_tables=False)
+    except EngramCheckpointError as e:
+        print(f"engram-serve: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
-    engine = EngineConfig(model=args.model, engram=_engram_dir(args), dtype=args.dtype,
+    engram = _engram_dir(args)
+    _check_checkpoint(engram)
+    engine = EngineConfig(model=args.model, engram=engram, dtype=args.dtype,
                           table_placement=args.table_placement, table_dtype=args.table_dtype,
                           cache_rows=args.cache_rows, prefetch=not args.no_prefetch,
                           verify_tables=args.verify_tables, max_num_seqs=args.max_num_seqs,

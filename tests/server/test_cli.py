@@ -1,0 +1,77 @@
+"""engram-serve's command line: environment variables, startup errors, the default Engram checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser, configs, env_name, main
+from server.default_engram import INIT_NAME, TRAINED_NAME, resolve_default_engram
+
+
+def test_every_option_has_an_environment_variable(monkeypatch):
+    parser = build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    for required in ("--model", "--engram", "--no-engram", "--table-placement", "--table-dtype", "--cache-rows",
+                     "--no-prefetch", "--max-num-seqs", "--max-queue", "--dtype", "--host", "--port", "--api-key",
+                     "--shutdown-timeout"):
+        action = next(a for a in options if required in a.option_strings)
+        assert f"[env {env_name(required)}]" in action.help
+    monkeypatch.setenv("ENGRAM_SERVE_MAX_QUEUE", "7")
+    monkeypatch.setenv("ENGRAM_SERVE_NO_PREFETCH", "true")
+    monkeypatch.setenv("ENGRAM_SERVE_TABLE_PLACEMENT", "mmap")
+    monkeypatch.setenv("ENGRAM_SERVE_API_KEY", "k")
+    args = build_parser().parse_args(["--no-engram", "--max-num-seqs", "3"])
+    assert (args.max_queue, args.no_prefetch, args.table_placement, args.api_key) == (7, True, "mmap", "k")
+    assert build_parser().parse_args(["--max-queue", "9"]).max_queue == 9  # the command line wins
+    engine, server = configs(args)
+    assert (engine.engram, engine.prefetch, engine.table_placement, engine.max_num_seqs) == (None, False, "mmap", 3)
+    assert (server.max_queue, server.api_key) == (7, "k")
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--engram", "/no/such/ckpt"], {}, "/no/such/ckpt"),
+    (["--engram", "x", "--no-engram"], {}, "exclude each other"),
+    (["--no-engram", "--max-num-seqs", "0"], {}, "--max-num-seqs"),
+    (["--no-engram"], {"ENGRAM_SERVE_DTYPE": "float8"}, "float8"),
+    (["--no-engram"], {"ENGRAM_SERVE_PORT": "eighty"}, "eighty"),
+    (["--model", "/no/such.gguf", "--no-engram"], {}, "/no/such.gguf"),
+])
+def test_startup_errors_are_one_line(argv, env, message, monkeypatch, capsys):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_corrupt_checkpoint_refused_before_loading(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    resolve_default_engram(str(tmp_path / "cache"), rows_per_head=300, dtype="float32")
+    shutil.copytree(tmp_path / "cache" / INIT_NAME, ckpt)
+    table = next(ckpt.glob("table_layer*.safetensors"))
+    with open(table, "r+b") as f:
+        f.truncate(os.path.getsize(table) - 10)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--engram", str(ckpt)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert table.name in err and "Traceback" not in err
+
+
+def test_default_checkpoint_created_once_and_trained_preferred(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGRAM_SERVE_CACHE", str(tmp_path))
+    first = resolve_default_engram(None, rows_per_head=300, dtype="float32")
+    assert first == tmp_path / INIT_NAME and (first / "engram.json").is_file()
+    stamp = (first / "engram.json").stat().st_mtime_ns
+    assert resolve_default_engram(None, rows_per_head=300) == first
+    assert (first / "engram.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    shutil.copytree(first, tmp_path / TRAINED_NAME)
+    assert resolve_default_engram(None, rows_per_head=300) == Path(tmp_path / TRAINED_NAME)
+    args = build_parser().parse_args([])
+    assert configs(args)[0].engram == str(tmp_path / TRAINED_NAME)
