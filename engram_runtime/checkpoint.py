@@ -170,12 +170,13 @@ class EngramCheckpoint:
                                         f"exceed the model's {num_hidden_layers} layers")
 
     def build_layers(self, dtype: torch.dtype = torch.float32, device="cpu") -> dict[int, EngramLayer]:
-        """EngramLayers with this checkpoint's dense weights, in eval mode."""
+        """EngramLayers with this checkpoint's dense weights, for serving: eval mode, gradients off
+        (a trainer turns them back on with requires_grad_(True))."""
         layers = {}
         for lid in self.config.layer_ids:
             layer = EngramLayer(self.config, lid, self.backbone["hidden_size"], self.config.hc_mult)
             layer.load_state_dict(self.dense[lid])
-            layers[lid] = layer.to(device=device, dtype=dtype).eval()
+            layers[lid] = layer.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return layers
 
 

@@ -43,6 +43,7 @@ def test_round_trip(ckpt):
         assert loaded.head_offsets[lid].tolist() == [0] + np.cumsum(sum(sizes[lid], []))[:-1].tolist()
     layers = loaded.build_layers(dtype=torch.bfloat16)
     assert set(layers) == {0, 2} and layers[2].value_proj.weight.dtype == torch.bfloat16
+    assert not layers[2].training and not any(p.requires_grad for p in layers[2].parameters())
     hidden = torch.randn(2, 5, 1, 32, dtype=torch.bfloat16)
     emb = torch.randn(2, 5, CFG.heads_total, CFG.head_dim, dtype=torch.bfloat16)
     assert layers[0](hidden, emb).abs().max().item() == 0.0  # value projection zeroed
