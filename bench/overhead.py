@@ -51,7 +51,8 @@ class OverheadConfig:
     table_gb: float = 8.0  # all Engram tables together, bf16, on disk
     small_gb: float = 1.0
     concurrencies: list[int] = field(default_factory=lambda: [1, 16])
-    prompts_per_slot: int = 4  # requests per run = concurrency * this
+    prompts_per_slot: int = 4  # requests per run = max(min_prompts, concurrency * this)
+    min_prompts: int = 16  # so a concurrency-1 run lasts long enough to average out noise
     output_len: int = 128
     rounds: int = 3
     cache_rows: int = 1 << 20
@@ -65,7 +66,7 @@ class OverheadConfig:
 def quick_config() -> OverheadConfig:
     """The same pipeline at toy scale: checks the script, measures nothing."""
     return OverheadConfig(table_gb=0.02, small_gb=0.005, concurrencies=[2], prompts_per_slot=1,
-                          output_len=8, rounds=1, cache_rows=4096, name="overhead_quick",
+                          min_prompts=2, output_len=8, rounds=1, cache_rows=4096, name="overhead_quick",
                           out_dir=LOGS)  # a smoke run's numbers are no results
 
 
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
           "Made by `python -m bench.overhead`; ratios paired by round, one server at a time.", ""]
     vs = variants(cfg)
     for c in cfg.concurrencies:
-        workload = WorkloadConfig(dataset="builtin", num_prompts=c * cfg.prompts_per_slot,
+        workload = WorkloadConfig(dataset="builtin",
+                                  num_prompts=max(cfg.min_prompts, c * cfg.prompts_per_slot),
                                   output_len=cfg.output_len)
         run_kwargs = {"max_concurrency": c, "warmup_requests": c, "request_rate": float("inf"),
                       "temperature": cfg.temperature}
