@@ -3,13 +3,14 @@ loopback.  Slow: a server start loads the model (seconds on a quiet machine, min
 a busy one).  The kill test is last: it ends the module's shared server."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import httpx
 import pytest
 
-from loadtest.checkpoints import create_checkpoint
+from loadtest.checkpoints import create_checkpoint, vocab_for_table_gb
 from loadtest.compare import CompareConfig, Variant, run_compare
 from loadtest.launch import ServerProcess, default_server_cmd
 from loadtest.metrics import SUMMARY_KEYS
@@ -23,10 +24,13 @@ pytestmark = pytest.mark.slow
 SERVER_ARGS = ["--max-num-seqs", "8", "--log-level", "warning"]
 
 
+TINY_GB = 0.005
+
+
 @pytest.fixture(scope="module")
 def tiny_engram(tmp_path_factory):
-    """A real Engram checkpoint of a few MB (1009 rows per head), made by engram-init."""
-    return create_checkpoint(tmp_path_factory.mktemp("ckpt"), 1009, "bfloat16")
+    """A real Engram checkpoint of 5 MB of tables, made by engram-init."""
+    return create_checkpoint(tmp_path_factory.mktemp("ckpt"), vocab_for_table_gb(TINY_GB), "bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,14 @@ def real_server(tmp_path_factory, tiny_engram):
 def _count(base_url: str, name: str) -> float:
     s = parse_metrics(httpx.get(base_url + "/metrics").text)
     return sum(v for (n, _), v in s.items() if n == name)
+
+
+def test_table_gb_gives_tables_of_that_size(tiny_engram):
+    tables = json.loads((tiny_engram / "engram.json").read_text())["tables"]
+    assert sorted(tables, key=int) == ["1", "15"]
+    total = sum(t["nbytes"] for t in tables.values())
+    # rows per head are primes just above engram_vocab_size: a little over, never under
+    assert TINY_GB * 1e9 <= total <= 1.1 * TINY_GB * 1e9
 
 
 def test_short_run_complete_and_counts_match_usage(real_server):

@@ -80,3 +80,4 @@ def test_infinite_rate_sends_everything_at_once_and_bad_rates_fail():
         arrival_offsets(5, 0.0)
     with pytest.raises(WorkloadError, match="burstiness"):
         arrival_offsets(5, 1.0, burstiness=0)
+
