@@ -54,6 +54,7 @@ class EngramLM:
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.config = cfg
+        self.manifest = ckpt.manifest
         self.hasher = NgramHasher(cfg, CompressedTokenizer.from_tokenizer(tokenizer))
         self.head_offsets = {lid: torch.from_numpy(o) for lid, o in ckpt.head_offsets.items()}
         self.engram: dict[int, EngramLayer] = ckpt.build_layers()

@@ -197,8 +197,12 @@ class Trainer:
                          "rel_gain": 1 - loss / self.baseline_loss})
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a training; returns a summary dict. The checkpoint in cfg.engram is updated."""
+def train(cfg: TrainConfig, lm: EngramLM | None = None) -> dict:
+    """Run (or resume) a training; returns a summary dict. The checkpoint in cfg.engram is updated.
+
+    `lm` (built from this checkpoint by `load_engram_lm`) skips loading when the caller already
+    has it, e.g. `train.default`, which times a step before it picks the token budget.
+    """
     ckpt_dir = Path(cfg.engram)
     files = discover(cfg.corpus)            # corpus errors surface before the slow model load
     if not ckpt_dir.is_dir():
@@ -211,11 +215,11 @@ def train(cfg: TrainConfig) -> dict:
         cfg = TrainConfig(**{**asdict(cfg), **{k: saved[k] for k in RUN_DEFINING}})
         ckpt_store.complete_interrupted_commit(ckpt_dir, state)
     ckpt_store.collect_garbage(ckpt_dir)
-    loaded = ckpt_store.load_for_training(ckpt_dir)
-    lm = load_engram_lm(cfg.model, loaded)
+    if lm is None:
+        lm = load_engram_lm(cfg.model, ckpt_store.load_for_training(ckpt_dir))
     data = prepare_data(cfg, files, lm.encode, lm.eos_id)
     data.split.write(ckpt_dir / "split.json")
-    trainer = Trainer(cfg, lm, data, ckpt_dir, loaded.ckpt.manifest)
+    trainer = Trainer(cfg, lm, data, ckpt_dir, lm.manifest)
     if state is not None:
         trainer.restore(state, tensors)
     summary = trainer.run()

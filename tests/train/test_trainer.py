@@ -18,7 +18,8 @@ from engram_runtime.checkpoint import load_checkpoint
 from train import ckpt_store
 from train.cli import eval_main, train_main
 from train.corpus import discover
-from train.engram_model import load_engram_lm
+from train.engram_model import load_engram_lm, open_engram_lm
+from train.gates import main as gates_main, token_gates
 from train.evaluate import EvalConfig, evaluate
 from train.trainer import Trainer, TrainConfig, prepare_data, train
 
@@ -133,6 +134,15 @@ def test_trained_checkpoint_serves_and_eval_reports_gain(tmp_path, tiny_model, c
     eval_main(["--engram", str(engram), "--corpus", *cfg.corpus, "--model", cfg.model, "--seq-len", "32",
                "--eval-tokens", "256"])
     assert "lower CE" in capsys.readouterr().out
+    gates_main(["--engram", str(engram), "--model", cfg.model, "--out", str(tmp_path / "g"),
+                "def function_1_2(value):\n    return value * 2 + 1\n"])
+    assert "layer 1:" in capsys.readouterr().out and (tmp_path / "g.png").stat().st_size > 5_000
+    html = (tmp_path / "g.html").read_text()
+    assert html.count("<h3>Engram layer") == 2 and "function" in html
+    lm = open_engram_lm(cfg.model, engram)
+    pieces, gates = token_gates(lm, "def function_1_2(value):")
+    assert "".join(pieces) == "def function_1_2(value):" and sorted(gates) == [1, 2]
+    assert all(g.shape == (len(pieces),) and ((g > 0) & (g < 1)).all() for g in gates.values())
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, tiny_model, capsys):

@@ -1,0 +1,104 @@
+"""`make train-default`: the default trained memory for SmolLM2-135M, from an offline corpus.
+
+Recipe: this interpreter's standard-library sources (present on every machine, no download;
+held-out = 5% of the FILES), Engram layers 1 and 15, orders 2-3, 8 heads x 64 dims per order,
+~2.1M rows per layer table (float32, so small Adagrad updates are not rounded away), sequence
+256, batch 4, row-wise Adagrad 0.1 on rows, AdamW 2e-3 on the dense part.
+
+Time budget: the whole target must finish within `--budget-min` (45) minutes on the machine
+it runs on, so the token count is not fixed: a training step is timed first, and the run gets
+the tokens that fit in what is left after loading, periodic evaluations, checkpoints and the
+final evaluation. The chosen count is saved with the run, so re-running the target after an
+interruption resumes the same run, and re-running it after completion only re-evaluates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engram_runtime.checkpoint import backbone_info, default_config, init_checkpoint
+from train import ckpt_store
+from train.cli import run_cli
+from train.corpus import default_corpus
+from train.engram_model import EngramLM, load_engram_lm
+from train.evaluate import EvalConfig, evaluate
+from train.trainer import TrainConfig, train
+
+DEFAULT_DIR = Path("checkpoints/engram-smollm2-stdlib")
+ROWS_PER_HEAD = 131_072
+RECIPE = dict(seq_len=256, batch_size=4, table_lr=0.1, dense_lr=2e-3, warmup_steps=10, eval_every=100,
+              eval_tokens=4096, ckpt_every=200, heldout_fraction=0.05)
+FINAL_EVAL_TOKENS = 16_384
+MAX_TOKENS = 4_000_000
+
+
+def time_train_step(lm: EngramLM, batch_size: int, seq_len: int, repeats: int = 2) -> float:
+    """Seconds of one forward+backward at the recipe's shape (random tokens, no update)."""
+    rng = np.random.default_rng(0)
+    best = float("inf")
+    for _ in range(repeats + 1):              # the first call warms up allocators and kernels
+        ids = rng.integers(0, lm.backbone.config.vocab_size, (batch_size, seq_len))
+        t0 = time.perf_counter()
+        rows = lm.lookup(ids)
+        emb = {lid: lm.gather(lid, r.unique).requires_grad_()[r.inverse] for lid, r in rows.items()}
+        lm.loss(torch.from_numpy(ids), emb).backward()
+        best = min(best, time.perf_counter() - t0)
+    for layer in lm.engram.values():
+        layer.zero_grad(set_to_none=True)
+    return best
+
+
+def plan_tokens(step_s: float, elapsed_s: float, budget_s: float) -> int:
+    """Training tokens that fit the budget. A forward-only evaluation token costs about a third
+    of a training token; evaluations and checkpoints get their share before training does."""
+    tok_s = RECIPE["seq_len"] * RECIPE["batch_size"] / step_s
+    eval_s = (FINAL_EVAL_TOKENS * 2 + RECIPE["eval_tokens"] * 12) / (3 * tok_s)
+    train_s = 0.85 * (budget_s - elapsed_s - eval_s) - 60          # 60 s: checkpoints, plot
+    per_step = RECIPE["seq_len"] * RECIPE["batch_size"]
+    return int(min(MAX_TOKENS, max(per_step, train_s * tok_s)) // per_step * per_step)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="train.default", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_DIR, help="checkpoint directory (default %(default)s)")
+    p.add_argument("--budget-min", type=float, default=45.0, help="wall-clock budget of the whole target")
+    p.add_argument("--tokens", type=int, default=None, help="fix the training tokens instead of timing a step")
+    args = p.parse_args(argv)
+
+    def run() -> None:
+        t0 = time.perf_counter()
+        corpus = default_corpus()
+        out: Path = args.out
+        resume = (out / ckpt_store.TRAIN_STATE).exists()
+        if not out.exists():
+            backbone = backbone_info(None)
+            init_checkpoint(out, default_config(backbone["vocab_size"], rows_per_head=ROWS_PER_HEAD),
+                            backbone, dtype="float32")
+        lm = load_engram_lm(None, ckpt_store.load_for_training(out)) if not resume else None
+        tokens = args.tokens
+        if resume:
+            tokens = json.loads((out / ckpt_store.TRAIN_STATE).read_text())["config"]["tokens"]
+        elif tokens is None:
+            step_s = time_train_step(lm, RECIPE["batch_size"], RECIPE["seq_len"])
+            tokens = plan_tokens(step_s, time.perf_counter() - t0, args.budget_min * 60)
+            print(f"one training step takes {step_s:.2f} s: training on {tokens} tokens to fit "
+                  f"{args.budget_min:.0f} minutes")
+        cfg = TrainConfig(engram=str(out), corpus=corpus, tokens=tokens, resume=resume, **RECIPE)
+        summary = train(cfg, lm)
+        report = evaluate(EvalConfig(engram=str(out), corpus=corpus, seq_len=RECIPE["seq_len"],
+                                     eval_tokens=FINAL_EVAL_TOKENS))
+        summary = {**summary, "final_eval": report, "wall_seconds": time.perf_counter() - t0}
+        (out / "train_default.json").write_text(json.dumps(summary, indent=1))
+        print(report["markdown"])
+        print(f"done in {summary['wall_seconds'] / 60:.1f} min; serve it with: engram-serve --engram {out}")
+
+    run_cli("train-default", run)
+
+
+if __name__ == "__main__":
+    main()
