@@ -288,11 +288,14 @@ def init_checkpoint(out_dir, cfg: EngramConfig, backbone: dict, dtype: str = "bf
     return manifest
 
 
-@functools.lru_cache(maxsize=8)
 def backbone_info(model: str | None) -> dict:
-    """The manifest's 'backbone' block, read from a GGUF file's metadata or an HF config.json.
+    """The manifest's 'backbone' block, read from a GGUF file's metadata or an HF config.json."""
+    return dict(_read_backbone(model))
 
-    Cached: parsing a GGUF's metadata (its whole tokenizer vocabulary) takes seconds."""
+
+@functools.lru_cache(maxsize=8)
+def _read_backbone(model: str | None) -> dict:
+    """Cached: parsing a GGUF's metadata (its whole tokenizer vocabulary) takes seconds."""
     from gguf import GGUFReader
 
     from .gguf_loader import read_config
@@ -334,7 +337,7 @@ def init_main(argv: list[str] | None = None) -> int:
     try:
         if Path(args.out).exists() and not args.force:
             raise EngramCheckpointError(f"{args.out} already exists (pass --force to replace it)")
-        backbone = dict(backbone_info(args.model))
+        backbone = backbone_info(args.model)
         heads_total = (args.max_ngram_size - 1) * args.heads_per_ngram
         rows = args.rows_per_head
         if args.table_gb is not None:
