@@ -35,7 +35,8 @@ class AttentionInputs:
     contiguous slot range (a view, no copy), else a LongTensor of slots (gather).
     q_rows: when reading a slot range wider than the batch, the rows of that range
     that belong to the batch (None if the range is exactly the batch).
-    mask [R, 1, T, kv_len] bool, True = attend.
+    mask [R, 1, T, kv_len] additive (0 = attend, -inf = masked), in the compute dtype:
+    built once per step instead of converting a bool mask in every layer.
     """
 
     write_slots: torch.Tensor
@@ -90,8 +91,8 @@ class Attention(nn.Module):
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
         # scatter this step's K/V into the static cache, then attend over the cache
-        self.k_cache[a.write_slots, :, a.write_pos] = k.to(self.k_cache.dtype)
-        self.v_cache[a.write_slots, :, a.write_pos] = v.to(self.v_cache.dtype)
+        self.k_cache[a.write_slots, :, a.write_pos] = k
+        self.v_cache[a.write_slots, :, a.write_pos] = v
         if isinstance(a.read, tuple):
             keys = self.k_cache[a.read[0] : a.read[1], :, : a.kv_len]
             values = self.v_cache[a.read[0] : a.read[1], :, : a.kv_len]

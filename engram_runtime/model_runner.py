@@ -80,7 +80,8 @@ class ModelRunner:
             mask_pos[q_rows] = positions
         else:
             read, mask_pos = slots, positions
-        mask = (torch.arange(kv_len)[None, None, :] <= mask_pos[:, :, None]).unsqueeze(1)
+        allowed = torch.arange(kv_len)[None, None, :] <= mask_pos[:, :, None]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
         rope_pos = write_pos
         attn = AttentionInputs(
             write_slots=slots[:, None].expand(B, T),

@@ -39,7 +39,7 @@ def test_scattered_slots_read_by_gather(loaded_model, runner, prompt_ids):
 
 
 def test_batch_of_different_lengths_decodes_as_each_alone(llm, prompt_ids):
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     batched = llm.generate(prompt_ids, params)
     for ids, out in zip(prompt_ids, batched):
         assert llm.generate([ids], params)[0].token_ids == out.token_ids
@@ -58,8 +58,10 @@ def test_bfloat16_close_to_float32(loaded_model, runner, prompt_ids):
         ref = runner.forward([Row(0, ids, 0)])[0]
         got = bf.forward([Row(0, ids, 0)])[0]
         assert got.dtype == torch.float32
-        # bf16 weights keep ~3 significant digits: the logits follow within a few tenths
-        assert (got - ref).abs().max().item() < 1.0
+        # bf16 keeps ~3 significant digits: compare the log-probabilities of the likely tokens
+        top = ref.topk(20).indices
+        diff = got.log_softmax(-1)[top] - ref.log_softmax(-1)[top]
+        assert diff.abs().max().item() < 0.5
         assert got.argmax().item() == ref.argmax().item()
 
 
