@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from engram_runtime.checkpoint import backbone_info, init_checkpoint
 from engram_runtime.engram_config import EngramConfig
+from train.trainer import TrainConfig, train
 
 TINY = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -52,12 +53,27 @@ def make_engram(tmp_path: Path, tiny_model: Path, dtype: str = "float32") -> Pat
     return out
 
 
-@pytest.fixture
-def corpus(tmp_path) -> Path:
+def write_corpus(root: Path) -> Path:
     """A small code corpus with repeated idioms (what an N-gram memory can learn)."""
-    root = tmp_path / "corpus"
-    root.mkdir()
+    root.mkdir(parents=True)
     for i in range(12):
         body = "".join(f"def function_{i}_{k}(value):\n    return value * {k} + {i}\n\n" for k in range(40))
         (root / f"module_{i}.py").write_text(body)
     return root
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_model) -> tuple[TrainConfig, dict]:
+    """One short training (bfloat16 tables) shared by the tests of its result."""
+    tmp = tmp_path_factory.mktemp("trained")
+    corpus = write_corpus(tmp / "corpus")
+    cfg = TrainConfig(engram=str(make_engram(tmp, tiny_model, dtype="bfloat16")), corpus=[str(corpus)],
+                      model=str(tiny_model), tokens=2 * 32 * 30, seq_len=32, batch_size=2, eval_every=10,
+                      ckpt_every=100, eval_tokens=256, heldout_fraction=0.25, warmup_steps=2, table_lr=0.2,
+                      dense_lr=1e-2, progress=False)
+    return cfg, train(cfg)

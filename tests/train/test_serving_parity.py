@@ -6,21 +6,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import make_engram
 from engram_runtime.llm import LLM
 from engram_runtime.sampling import SamplingParams
 from train.engram_model import open_engram_lm
-from train.trainer import TrainConfig, train
 
 
-def test_trained_checkpoint_logprobs_equal_the_engines(tmp_path, tiny_model, corpus):
-    engram = make_engram(tmp_path, tiny_model, dtype="bfloat16")
-    train(TrainConfig(engram=str(engram), corpus=[str(corpus)], model=str(tiny_model), tokens=2 * 32 * 10,
-                      seq_len=32, batch_size=2, eval_every=100, ckpt_every=100, eval_tokens=64,
-                      heldout_fraction=0.25, warmup_steps=1, table_lr=0.2, dense_lr=1e-2, progress=False))
-    lm = open_engram_lm(str(tiny_model), engram)
+def test_trained_checkpoint_logprobs_equal_the_engines(trained):
+    cfg, _ = trained
+    tiny_model, engram = cfg.model, cfg.engram
+    lm = open_engram_lm(tiny_model, Path(engram))
     prompt = lm.encode(["def function_3_7(value):\n    return value"])[0]
-    llm = LLM(model=str(tiny_model), engram=str(engram), max_model_len=128)
+    llm = LLM(model=tiny_model, engram=engram, max_model_len=128)
     (out,) = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, logprobs=3))
     assert len(out.token_ids) == 6
     ids = np.asarray([prompt + out.token_ids], dtype=np.int64)

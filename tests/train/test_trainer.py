@@ -21,7 +21,7 @@ from train.corpus import discover
 from train.engram_model import load_engram_lm, open_engram_lm
 from train.gates import main as gates_main, token_gates
 from train.evaluate import EvalConfig, evaluate
-from train.trainer import Trainer, TrainConfig, prepare_data, train
+from train.trainer import Trainer, TrainConfig, prepare_data
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,9 +117,8 @@ def test_kill_9_then_resume_continues_the_same_loss_curve(tmp_path, tiny_model, 
     assert sum(n.startswith("table_layer1") for n in left) == 1    # superseded tables are deleted
 
 
-def test_trained_checkpoint_serves_and_eval_reports_gain(tmp_path, tiny_model, corpus, capsys):
-    cfg = _cfg(make_engram(tmp_path, tiny_model), corpus, tiny_model, tokens=2 * 32 * 30, ckpt_every=100)
-    summary = train(cfg)
+def test_trained_checkpoint_serves_and_eval_reports_gain(trained, tmp_path, capsys):
+    cfg, summary = trained
     assert summary["steps"] == 30
     engram = Path(cfg.engram)
     load_checkpoint(engram, verify_tables=True)
