@@ -22,7 +22,12 @@ PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon 
 
 @pytest.fixture(scope="module")
 def model(loaded_model, tmp_path_factory):
-    """Checkpoints (fp32, bf16, fp8 of the same values), a runner, layers with nonzero value weights."""
+    """Checkpoints (fp32, bf16, fp8 of the same values), a runner, layers with nonzero value weights.
+
+    One torch thread: on this shared 2-core machine a forward takes 0.23 s with one intra-op thread
+    and 4.5 s with two (the threads wait on each other's time slices)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     c = loaded_model.config
     backbone = {"name": c.name, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
                 "vocab_size": c.vocab_size}
@@ -41,7 +46,8 @@ def model(loaded_model, tmp_path_factory):
     hasher = NgramHasher(ckpt.config, CompressedTokenizer.from_tokenizer(loaded_model.tokenizer))
     runner = ModelRunner(c, loaded_model.state_dict, torch.float32, 4, 128)
     prompts = [loaded_model.tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
-    return {"root": root, "layers": layers, "hasher": hasher, "runner": runner, "prompts": prompts}
+    yield {"root": root, "layers": layers, "hasher": hasher, "runner": runner, "prompts": prompts}
+    torch.set_num_threads(threads)
 
 
 def greedy(model, dtype, placement, prefetch, cache_rows=0, joins=(0, 0, 0), new_tokens=(5, 5, 5), only=None):
@@ -81,7 +87,6 @@ def _same(a, b, atol=0.0):
         assert diff <= atol, (i, diff)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_identical_logits_across_placements_and_prefetch(model, dtype):
     reference = greedy(model, dtype, "device", prefetch=False)  # the plain in-process tensor
@@ -90,19 +95,17 @@ def test_identical_logits_across_placements_and_prefetch(model, dtype):
         _same(reference, greedy(model, dtype, placement, prefetch, cache_rows))
 
 
-@pytest.mark.slow
 def test_fp8_tables_stay_within_quantisation_error(model):
     exact = greedy(model, "float32", "host", prefetch=True)
     fp8 = greedy(model, "fp8_e4m3", "mmap", prefetch=True, cache_rows=4096)
     worst = max(float((x - y).abs().max()) for i in exact for x, y in zip(exact[i][1], fp8[i][1]))
-    # fp8 rows carry a 2.65 % relative RMS error (test_fp8); through the Engram layer that moved
-    # logits by at most MEASURED below on this checkpoint
-    assert 0 < worst < 0.5, worst
+    # fp8 rows carry a 2.65 % relative RMS error (test_fp8); through the Engram layer (random value
+    # projection, std 0.05) that moved logits by at most 0.454 here; greedy tokens all agreed
+    assert 0 < worst < 1.0, worst
     agree = sum(a == b for i in exact for a, b in zip(exact[i][0], fp8[i][0]))
     assert agree >= 0.8 * sum(len(exact[i][0]) for i in exact)
 
 
-@pytest.mark.slow
 def test_changing_membership_decodes_as_alone_with_prefetch(model):
     joins, new_tokens = (0, 2, 4), (6, 3, 5)  # 1 joins at 2 and leaves at 5, 2 joins as 0 is leaving
     together = greedy(model, "bfloat16", "mmap", prefetch=True, cache_rows=2048, joins=joins, new_tokens=new_tokens)
