@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.tokens, args.rows = 2 * 64 * 6, [1024, 4096]
         recipe.update(seq_len=64, batch_size=2, eval_every=3, eval_tokens=256, ckpt_every=100, warmup_steps=2)
+    load_start = list(os.getloadavg())
     corpus = default_corpus()
     backbone, tokenizer = load_backbone(None)
     runs = []
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     n = ids.size
     result = {
         "quick": args.quick, "recipe": recipe, "corpus": corpus, "runs": runs,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "loadavg_start": load_start, "loadavg_end": list(os.getloadavg())},
         "throughput": {"tokens_per_step": n, "engram_fwd_bwd_tokens_per_s": n / t_engram,
                        "backbone_fwd_bwd_tokens_per_s": n / t_backbone,
                        "engram_over_backbone_time": t_engram / t_backbone,

@@ -156,11 +156,12 @@ Encode = Callable[[list[str]], list[list[int]]]
 
 def tokenize_files(files: Sequence[CorpusFile], encode: Encode, eos_id: int,
                    explicit: frozenset[str] = frozenset(), skipped: list[str] | None = None,
-                   max_tokens: int | None = None) -> np.ndarray:
+                   max_tokens: int | None = None, per_file_tokens: int | None = None) -> np.ndarray:
     """One int32 token stream: documents in file order, each followed by EOS.
 
     `explicit` holds keys of files the user named directly (read strictly); undecodable
-    files found by walking a folder are appended to `skipped`. Stops after `max_tokens`.
+    files found by walking a folder are appended to `skipped`. Stops after `max_tokens`;
+    `per_file_tokens` caps each file's share (so a small sample spans many files).
     """
     parts: list[np.ndarray] = []
     total = 0
@@ -170,9 +171,10 @@ def tokenize_files(files: Sequence[CorpusFile], encode: Encode, eos_id: int,
             if skipped is not None:
                 skipped.append(f.key)
             continue
-        for ids in encode(docs) if docs else []:
-            parts.append(np.asarray(list(ids) + [eos_id], dtype=np.int32))
-            total += len(ids) + 1
+        ids = [t for doc in (encode(docs) if docs else []) for t in [*doc, eos_id]]
+        part = np.asarray(ids[:per_file_tokens], dtype=np.int32)
+        parts.append(part)
+        total += len(part)
         if max_tokens is not None and total >= max_tokens:
             break
     if not parts:
@@ -180,6 +182,16 @@ def tokenize_files(files: Sequence[CorpusFile], encode: Encode, eos_id: int,
                           f"first: {files[0].path if files else '-'})")
     stream = np.concatenate(parts)
     return stream[:max_tokens] if max_tokens is not None else stream
+
+
+def heldout_stream(split: CorpusSplit, encode: Encode, eos_id: int, explicit: frozenset[str],
+                   max_tokens: int, seq_len: int) -> np.ndarray:
+    """The held-out tokens every evaluation scores: the held-out files in a fixed shuffled
+    order, at most 1/8 of the budget (and at least one window) from each, so even a small
+    evaluation spans several files rather than the first file in alphabetical order."""
+    order = np.random.default_rng(0).permutation(len(split.heldout))
+    return tokenize_files([split.heldout[i] for i in order], encode, eos_id, explicit, split.skipped,
+                          max_tokens=max_tokens + seq_len, per_file_tokens=max(seq_len, max_tokens // 8))
 
 
 def explicit_keys(paths: Sequence[str | os.PathLike]) -> frozenset[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.batches import eval_windows
-from train.corpus import discover, explicit_keys, split_files, tokenize_files
+from train.corpus import discover, explicit_keys, heldout_stream, split_files
 from train.engram_model import EngramLM, open_engram_lm
 
 
@@ -35,8 +35,7 @@ def heldout_windows(lm: EngramLM, cfg: EvalConfig) -> tuple[list, object]:
     if fraction is None:
         fraction = json.loads(split_json.read_text())["heldout_fraction"] if split_json.exists() else 0.05
     split = split_files(discover(cfg.corpus), fraction)
-    stream = tokenize_files(split.heldout, lm.encode, lm.eos_id, explicit_keys(cfg.corpus), split.skipped,
-                            max_tokens=cfg.eval_tokens + cfg.seq_len)
+    stream = heldout_stream(split, lm.encode, lm.eos_id, explicit_keys(cfg.corpus), cfg.eval_tokens, cfg.seq_len)
     return split.heldout, eval_windows(stream, cfg.seq_len, cfg.eval_tokens)
 
 

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from train import ckpt_store
 from train.batches import WindowSchedule, eval_windows
-from train.corpus import CorpusFile, CorpusSplit, discover, explicit_keys, split_files, tokenize_files
+from train.corpus import (CorpusFile, CorpusSplit, discover, explicit_keys, heldout_stream, split_files,
+                          tokenize_files)
 from train.engram_model import EngramLM, load_engram_lm
 from train.metrics import MetricsLog, plot_loss_curve
 from train.sparse_optim import make_sparse_optimizer
@@ -96,8 +97,7 @@ def prepare_data(cfg: TrainConfig, files: list[CorpusFile], encode, eos_id: int)
     train_files = [split.train[i] for i in order]
     stream = tokenize_files(train_files, encode, eos_id, explicit, split.skipped,
                             max_tokens=cfg.total_steps * cfg.tokens_per_step + cfg.seq_len)
-    held = tokenize_files(split.heldout, encode, eos_id, explicit, split.skipped,
-                          max_tokens=cfg.eval_tokens + cfg.seq_len)
+    held = heldout_stream(split, encode, eos_id, explicit, cfg.eval_tokens, cfg.seq_len)
     fingerprint = hashlib.sha256("\n".join(f.key for f in split.train).encode()).hexdigest()[:16]
     stats = {"train_files": len(split.train), "heldout_files": len(split.heldout),
              "train_stream_tokens": int(len(stream)), "heldout_stream_tokens": int(len(held))}
