@@ -1,10 +1,13 @@
 """The Engram checkpoint `engram-serve` uses when none is named: found in, or created into, a cache.
 
-Layout of the cache folder ($ENGRAM_SERVE_CACHE, default ~/.cache/engram-serve):
-  smollm2-trained/   the trained default memory written by `make train-default` (preferred)
-  smollm2-default/   an untrained checkpoint (engram-init: N(0,1) tables, zeroed value
-                     projection, so outputs equal the backbone's), created on first start
-Only the default backbone has a default checkpoint; a checkpoint is tied to its backbone.
+Looked up in this order (the first directory holding an engram.json wins):
+  $ENGRAM_SERVE_CACHE/smollm2-trained/      a trained default memory placed in the cache
+  <repo>/checkpoints/engram-smollm2-stdlib/  what `make train-default` writes (train/default.py)
+  $ENGRAM_SERVE_CACHE/smollm2-default/      an untrained checkpoint (engram-init: N(0,1) tables,
+                                            zeroed value projection, so outputs equal the
+                                            backbone's), created there on first start
+$ENGRAM_SERVE_CACHE defaults to ~/.cache/engram-serve. Only the default backbone has a default
+checkpoint; a checkpoint is tied to its backbone.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ logger = logging.getLogger("engram_serve")
 
 TRAINED_NAME = "smollm2-trained"
 INIT_NAME = "smollm2-default"
+TRAIN_DEFAULT_OUT = Path(__file__).resolve().parent.parent / "checkpoints" / "engram-smollm2-stdlib"
 
 
 class DefaultEngramError(Exception):
@@ -35,12 +39,13 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def resolve_default_engram(cache_dir: str | None, rows_per_head: int | None, dtype: str = "bfloat16") -> Path:
-    """The trained default if present, else the untrained one, created now (with a progress bar)."""
+    """A trained default if present, else the untrained one, created now (with a progress bar)."""
     root = cache_root(cache_dir)
     trained = root / TRAINED_NAME
-    if is_checkpoint(trained):
-        logger.info("using the trained default Engram checkpoint %s", trained)
-        return trained
+    for candidate in (trained, TRAIN_DEFAULT_OUT):
+        if is_checkpoint(candidate):
+            logger.info("using the trained default Engram checkpoint %s", candidate)
+            return candidate
     target = root / INIT_NAME
     if is_checkpoint(target):
         logger.info("using the default Engram checkpoint %s (untrained; `make train-default` builds a trained "

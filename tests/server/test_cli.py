@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from server.cli import build_parser, configs, env_name, main
+from engram_runtime.checkpoint import init_main
+from server import default_engram
 from server.default_engram import INIT_NAME, TRAINED_NAME, resolve_default_engram
 
 
@@ -52,8 +54,7 @@ def test_startup_errors_are_one_line(argv, env, message, monkeypatch, capsys):
 
 def test_corrupt_checkpoint_refused_before_loading(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    resolve_default_engram(str(tmp_path / "cache"), rows_per_head=300, dtype="float32")
-    shutil.copytree(tmp_path / "cache" / INIT_NAME, ckpt)
+    assert init_main([str(ckpt), "--rows-per-head", "300", "--dtype", "float32", "--quiet"]) == 0
     table = next(ckpt.glob("table_layer*.safetensors"))
     with open(table, "r+b") as f:
         f.truncate(os.path.getsize(table) - 10)
@@ -66,12 +67,15 @@ def test_corrupt_checkpoint_refused_before_loading(tmp_path, capsys):
 
 def test_default_checkpoint_created_once_and_trained_preferred(tmp_path, monkeypatch):
     monkeypatch.setenv("ENGRAM_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(default_engram, "TRAIN_DEFAULT_OUT", tmp_path / "train-out")
     first = resolve_default_engram(None, rows_per_head=300, dtype="float32")
     assert first == tmp_path / INIT_NAME and (first / "engram.json").is_file()
     stamp = (first / "engram.json").stat().st_mtime_ns
     assert resolve_default_engram(None, rows_per_head=300) == first
     assert (first / "engram.json").stat().st_mtime_ns == stamp  # reused, not rewritten
-    shutil.copytree(first, tmp_path / TRAINED_NAME)
+    shutil.copytree(first, tmp_path / "train-out")  # what `make train-default` writes
+    assert resolve_default_engram(None, rows_per_head=300) == tmp_path / "train-out"
+    shutil.copytree(first, tmp_path / TRAINED_NAME)  # a trained memory put into the cache wins
     assert resolve_default_engram(None, rows_per_head=300) == Path(tmp_path / TRAINED_NAME)
     args = build_parser().parse_args([])
     assert configs(args)[0].engram == str(tmp_path / TRAINED_NAME)
