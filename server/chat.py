@@ -76,8 +76,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, c
                             logprobs=c.logprobs if req.logprobs else None, finish_reason=c.finish_reason,
                             engram_gates=c.gates if req.engram_gates else None)
                  for i, c in enumerate(choices)],
-        usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                        total_tokens=len(prompt_ids) + completion_tokens))
+        usage=UsageInfo.of(len(prompt_ids), completion_tokens))
     return JSONResponse(response.model_dump(exclude=without_gates(req.engram_gates)))
 
 
@@ -131,7 +130,5 @@ async def _stream(req: ChatCompletionRequest, generation: Generation, request_id
             finish_reason=out.finish_reason if out.finished else None,
             engram_gates=gate_entries(out, token_text) if req.engram_gates else None)])
     if include_usage:
-        completion = sum(output_tokens)
-        yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                                  total_tokens=prompt_tokens + completion))
+        yield chunk([], UsageInfo.of(prompt_tokens, sum(output_tokens)))
     yield SSE_DONE

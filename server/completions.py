@@ -95,10 +95,8 @@ async def create_completion(req: CompletionRequest, request: Request, client: En
     return JSONResponse(response.model_dump(exclude=without_gates(req.engram_gates)))
 
 
-def _usage(prompt_tokens: int, choices) -> UsageInfo:
-    completion = sum(c.output_tokens for c in choices)
-    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                     total_tokens=prompt_tokens + completion)
+def _usage(prompt_tokens: int, choices: list[_Choice]) -> UsageInfo:
+    return UsageInfo.of(prompt_tokens, sum(c.output_tokens for c in choices))
 
 
 async def _collect(req: CompletionRequest, generation: Generation, echoes: list[str],
