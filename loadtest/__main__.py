@@ -78,7 +78,8 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
                    help="server command (default: engram-serve, else python -m server.cli); "
                         "--host/--port are appended")
     p.add_argument("--server-args", default="", help="arguments common to every variant")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds (A B C A B C ...); spread is min/median/max over them")
     p.add_argument("--restart-each-round", action="store_true",
                    help="start one server at a time, per round (for tables too large to "
                         "keep one copy per variant in RAM)")
@@ -92,8 +93,12 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--engram-vocab-size", type=int, default=None,
                    help="create (once, cached) a checkpoint with this engram_vocab_size")
     t.add_argument("--table-gb", type=float, default=None,
-                   help="create (once, cached) a checkpoint whose tables total this many GB")
-    t.add_argument("--table-dtype", default="bfloat16", help="dtype of created tables")
+                   help="create (once, cached) a checkpoint whose tables, all Engram layers "
+                        "together, take this many GB (1e9 bytes; engram-init's --table-gb is "
+                        "per layer)")
+    t.add_argument("--table-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="dtype of the created checkpoint (the fp8 variant gets its own "
+                        "fp8_e4m3 checkpoint of the same layout)")
     t.add_argument("--ckpt-dir", default=None,
                    help="where created checkpoints are cached (default: ~/.cache/engram-serve/loadtest)")
     t.add_argument("--cache-rows", type=int, default=65536, help="fills {cache_rows}")

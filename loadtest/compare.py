@@ -5,9 +5,9 @@ list is sent to every variant in interleaved rounds (A B C A B C ...), and every
 figure is reported as a ratio to the first variant *within the same round*:
 on a shared machine a slow minute then hits A, B and C alike and cancels in the
 ratio, and min / median / max over rounds shows how much noise remains.
-By default servers are started once per variant and stay up (idle servers cost
-memory, not CPU); ``restart_each_round`` starts one server at a time instead,
-for tables too large to hold several copies in RAM.
+By default servers are started once per variant, all at once, and stay up (idle
+servers cost memory, not CPU); ``restart_each_round`` starts one server at a time
+instead, for tables too large to hold several copies in RAM.
 """
 from __future__ import annotations
 
@@ -152,10 +152,12 @@ def run_compare(cfg: CompareConfig, requests: list[SampleRequest], run_kwargs: d
     runs: dict[str, list[dict]] = {v.name: [] for v in cfg.variants}
     try:
         if not cfg.restart_each_round:
-            for v in cfg.variants:
+            for v in cfg.variants:  # all load at once, then wait for each
                 servers[v.name] = _server(cfg, v, None)
                 print(f"starting {v.name}: {' '.join(servers[v.name].cmd)}")
-                servers[v.name].start()
+                servers[v.name].launch()
+            for srv in servers.values():
+                srv.wait_healthy()
         for rnd in range(cfg.rounds):
             for v in cfg.variants:
                 result = _run_round(cfg, servers, v, rnd, requests, run_kwargs)

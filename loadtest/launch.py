@@ -64,12 +64,19 @@ class ServerProcess:
         self.stop_timeout = stop_timeout
         self.env = env
         self.proc: subprocess.Popen | None = None
+        self.started = 0.0
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
+        self.launch()
+        self.wait_healthy()
+
+    def launch(self) -> None:
+        """Spawn the process and return at once (``wait_healthy`` waits), so several
+        servers can load their models at the same time."""
         self.port = free_port(self.host)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = self.cmd + ["--host", self.host, "--port", str(self.port)]
@@ -80,7 +87,10 @@ class ServerProcess:
                 argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**repo_env(), **(self.env or {})},
             )
-        deadline = time.monotonic() + self.startup_timeout
+        self.started = time.monotonic()
+
+    def wait_healthy(self) -> None:
+        deadline = self.started + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ServerStartError(

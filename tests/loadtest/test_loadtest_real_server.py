@@ -108,7 +108,7 @@ def test_compare_two_tiny_configurations(tmp_path, tiny_engram):
         server_cmd=default_server_cmd(), server_args=SERVER_ARGS, out_dir=tmp_path, rounds=2,
         startup_timeout=600,
     )
-    reqs = build_requests(WorkloadConfig(dataset="builtin", num_prompts=4, output_len=6))
+    reqs = build_requests(WorkloadConfig(dataset="builtin", num_prompts=2, output_len=6))
     cmp = run_compare(cfg, reqs, {"max_concurrency": 2, "progress": False, "warmup_requests": 1})
     s = cmp["summary"]
     assert s["no-engram"]["failed"] == 0 and s["ram"]["failed"] == 0
