@@ -166,7 +166,8 @@ class Trainer:
         cfg = self.cfg
         if self.baseline_loss is None:
             self.baseline_loss = self.heldout_loss(use_engram=False)
-        if self.step == 0:
+        if self.step == 0:                 # a fresh run: drop records of any earlier run in this dir
+            self.log.truncate_after(-1)
             self.evaluate_and_log()
         bar = tqdm(total=cfg.total_steps, initial=self.step, unit="step", disable=not cfg.progress,
                    desc="engram-train")
