@@ -1,10 +1,11 @@
 """One streaming request to an OpenAI-compatible ``/v1/completions`` endpoint.
 
 Timing follows vLLM's benchmark client: TTFT is the time to the first chunk that
-carries text, every later text chunk adds one inter-token latency, E2E latency
-ends at ``[DONE]``.  Token counts come from the server's ``usage`` (asked for
+carries a choice (its text may be empty, e.g. for a special token), every later
+such chunk adds one inter-token latency (the usage-only chunk, with no choices,
+does not), E2E latency ends at ``[DONE]``.  Token counts come from the server's ``usage`` (asked for
 with ``stream_options.include_usage``) so they are the server's own tokenizer's
-counts; when a server sends no usage the text chunks are counted instead.
+counts; when a server sends no usage the token chunks are counted instead.
 A request never raises: any transport or protocol error is recorded in the
 result so a dying server shows up as ``failed`` rather than a crash.
 """
@@ -36,7 +37,7 @@ class RequestResult:
     prompt_len: int = 0
     output_tokens: int = 0
     ttft: float = 0.0  # seconds
-    itl: list[float] = field(default_factory=list)  # seconds between text chunks
+    itl: list[float] = field(default_factory=list)  # seconds between token chunks
     latency: float = 0.0  # seconds, request sent -> [DONE]
     start: float = 0.0  # perf_counter when sent
     usage_reported: bool = False
@@ -73,7 +74,7 @@ async def send_request(
     res = RequestResult(prompt_len=req.prompt_len or 0)
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     chunks: list[str] = []
-    text_chunks = 0
+    token_chunks = 0
     done = False
     res.start = last = time.perf_counter()
     try:
@@ -95,15 +96,15 @@ async def send_request(
                     res.error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
                     return res
                 now = time.perf_counter()
-                text = "".join(c.get("text") or "" for c in chunk.get("choices") or [])
-                if text:
-                    if text_chunks == 0:
+                choices = chunk.get("choices")
+                if choices:  # text may be empty (a special token, half a UTF-8 character)
+                    if token_chunks == 0:
                         res.ttft = now - res.start
                     else:
                         res.itl.append(now - last)
                     last = now
-                    text_chunks += 1
-                    chunks.append(text)
+                    token_chunks += 1
+                    chunks.append("".join(c.get("text") or "" for c in choices))
                 usage = chunk.get("usage")
                 if usage:
                     res.usage_reported = True
@@ -117,7 +118,7 @@ async def send_request(
         res.error = "stream ended without [DONE]"
         return res
     if not res.usage_reported:
-        res.output_tokens = text_chunks
+        res.output_tokens = token_chunks
     res.generated_text = "".join(chunks)
     res.success = True
     return res
