@@ -21,6 +21,7 @@ Writes bench/results/overhead.json, overhead.md and PNG plots per concurrency.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -129,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg.ckpt_dir = Path(args.ckpt_dir)
     cfg.server_args = args.server_args.split()
 
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: this machine is busy, "
+              "figures taken now are not valid results", file=sys.stderr)
     report: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+                    "machine": {"cpus": os.cpu_count(), "loadavg_1min_at_start": load},
                     "by_concurrency": {}}
     md = [f"# Engram serving overhead ({cfg.table_gb:g} GB vs {cfg.small_gb:g} GB tables)", "",
           "Made by `python -m bench.overhead`; ratios paired by round, one server at a time.", ""]
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         md += [f"## Concurrency {c}", "", goals_markdown(c, rows), compare_markdown(cmp),
                f"![throughput]({cfg.name}_c{c}_throughput.png) ![latency]({cfg.name}_c{c}_latency.png)", ""]
         print(goals_markdown(c, rows))
+    report["machine"]["loadavg_1min_at_end"] = os.getloadavg()[0]
     write_json(cfg.out_dir / f"{cfg.name}.json", report)
     (cfg.out_dir / f"{cfg.name}.md").write_text("\n".join(md), encoding="utf-8")
     print(f"written: {cfg.out_dir / (cfg.name + '.json')}, {cfg.name}.md and PNGs; server logs in {LOGS}")
