@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from offload.cache import RowCache
+from offload.cache import POLICIES, RowCache
 from offload.prefetch import Prefetcher
 from offload.store import TableSet
 
@@ -179,16 +179,17 @@ def text_stream(cfg: BenchConfig, hasher, tokenizer) -> list[np.ndarray]:
 def hit_rates(batches: list[np.ndarray], capacity: int) -> dict[str, float]:
     """Hit rate of each policy; a lookup hits when its row was resident before its step."""
     total = sum(b.size for b in batches)
-    ours = RowCache(capacity, 1, torch.float32)
+    ours = {f"{policy}_8way": RowCache(capacity, 1, torch.float32, policy=policy) for policy in POLICIES}
     lru: OrderedDict = OrderedDict()
     direct = np.full(capacity, -1, np.int64)
-    hits = dict.fromkeys(("frequency_admission_8way", "lru", "direct_mapped"), 0)
+    hits = dict.fromkeys((*ours, "lru_fully_associative", "direct_mapped"), 0)
     for batch in batches:
         unique, counts = np.unique(batch, return_counts=True)
-        hit, _ = ours.lookup(unique, counts)
-        hits["frequency_admission_8way"] += int(counts[hit].sum())
-        ours.admit(unique[~hit], torch.zeros(int((~hit).sum()), 1))
-        hits["lru"] += int(sum(c for r, c in zip(unique.tolist(), counts.tolist()) if r in lru))
+        for name, cache in ours.items():
+            hit, _ = cache.lookup(unique, counts)
+            hits[name] += int(counts[hit].sum())
+            cache.admit(unique[~hit], torch.zeros(int((~hit).sum()), 1))
+        hits["lru_fully_associative"] += int(sum(c for r, c in zip(unique.tolist(), counts.tolist()) if r in lru))
         for r in unique.tolist():
             lru[r] = None
             lru.move_to_end(r)

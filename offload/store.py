@@ -74,7 +74,7 @@ class EngramTable:
                           "to speed up; ignoring cache size", RuntimeWarning, stacklevel=3)
             return None
         return RowCache(min(rows, self.num_rows), self.header.raw_row_elems, self.dtype.torch_raw,
-                        self.device.torch_device, cfg.ways)
+                        self.device.torch_device, cfg.ways, cfg.policy)
 
     def _load(self, progress: bool) -> torch.Tensor:
         """Stream the file into its final buffer (host: pinned on CUDA; device: via a bounce buffer)."""
@@ -191,13 +191,14 @@ class TableSet:
     @classmethod
     def open(cls, ckpt_dir, tables_manifest: dict[str, dict], placement: str = "host", device="cpu",
              compute_dtype: torch.dtype = torch.float32, cache_rows: int = 0, verify_hash: bool = False,
-             cache_bytes: int = 0, pin_memory: bool | None = None, progress: bool = True) -> "TableSet":
+             cache_bytes: int = 0, cache_policy: str = "lru", pin_memory: bool | None = None,
+             progress: bool = True) -> "TableSet":
         """Check every table file against its manifest entry (size always, sha256 if asked) and load it."""
         if placement not in PLACEMENTS:
             raise ValueError(f"unknown table placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
         compute_device = device if isinstance(device, ComputeDevice) else ComputeDevice(device, pin_memory)
         stats = TableStats()
-        cache = CacheConfig(rows=cache_rows, bytes=cache_bytes)
+        cache = CacheConfig(rows=cache_rows, bytes=cache_bytes, policy=cache_policy)
         tables: dict[int, EngramTable] = {}
         for layer_id, entry in sorted(tables_manifest.items(), key=lambda kv: int(kv[0])):
             path = Path(ckpt_dir) / entry["file"]
