@@ -65,6 +65,7 @@ class ServerProcess:
         self.port = free_port(self.host)
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="engram-serve-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
+        self.health_seen: list[tuple[int, str]] = []  # distinct (status, state) answers while starting
 
     @property
     def base_url(self) -> str:
@@ -97,9 +98,13 @@ class ServerProcess:
                 raise ServerStartError(f"engram-serve exited with code {self.proc.returncode}; log "
                                        f"{self.log_path}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url("/health"), timeout=2).status_code == 200:
+                r = httpx.get(self.url("/health"), timeout=2)
+                seen = (r.status_code, r.json().get("status"))
+                if seen not in self.health_seen:
+                    self.health_seen.append(seen)
+                if r.status_code == 200:
                     return
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.2)
         self.stop()

@@ -25,7 +25,8 @@ def greedy(oai, model, prompt=PROMPT, max_tokens=8, **kw):
     return oai.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, **kw)
 
 
-def test_models_health_version(http, model_name):
+def test_models_health_version(http, model_name, server):
+    assert server.health_seen == [(503, "loading"), (200, "ready")]  # listening while the model loads
     models = http.get("/v1/models").json()
     assert models["object"] == "list"
     card = models["data"][0]
