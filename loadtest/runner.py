@@ -133,6 +133,9 @@ async def run_async(cfg: RunConfig, requests: list[SampleRequest]) -> dict:
         "request_rate": cfg.request_rate if math.isfinite(cfg.request_rate) else "inf",
         "burstiness": cfg.burstiness,
         "max_concurrency": cfg.max_concurrency,
+        "temperature": cfg.temperature,
+        "ignore_eos": cfg.ignore_eos,
+        "warmup_requests": cfg.warmup_requests,
     }
     result.update(summarize(results, duration))
     if before is not None and after is not None:
