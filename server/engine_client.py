@@ -62,6 +62,7 @@ class Generation:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._seqs = seqs
+        self.request_id = request_id
         self._rids = [f"{request_id}-{i}" for i in range(len(seqs))]
         self._trackers: list[RequestTracker] = []
         self._unfinished: set[int] = set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from typing import AsyncIterator, Awaitable, TypeVar
 
@@ -24,6 +25,7 @@ from server.errors import APIError, error_body
 from server.protocol import GateEntry, SamplingFields
 
 T = TypeVar("T")
+logger = logging.getLogger("engram_serve")
 
 
 def new_id(prefix: str) -> str:
@@ -144,9 +146,11 @@ class SSEResponse(StreamingResponse):
         finally:
             for task in (stream, watch):
                 task.cancel()
-            await asyncio.gather(stream, watch, return_exceptions=True)
+            streamed, _ = await asyncio.gather(stream, watch, return_exceptions=True)
             await self.body_iterator.aclose()
             self._generation.close()
+        if isinstance(streamed, Exception) and not isinstance(streamed, OSError):  # OSError: client gone
+            logger.error("stream of %s failed", self._generation.request_id, exc_info=streamed)
 
 
 async def _wait_disconnect(receive: Receive) -> None:

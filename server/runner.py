@@ -4,13 +4,15 @@ uvicorn's own shutdown closes the listening socket first, so a client arriving d
 drain sees "connection refused" instead of an answer. Here the first signal only switches
 the app to draining: new requests get 503 (and /health 503, so a load balancer stops
 routing), in-flight requests run to completion for up to --shutdown-timeout seconds, the
-rest are aborted, and then uvicorn shuts down as usual. A second SIGINT exits at once.
+rest are aborted, and then uvicorn shuts down as usual. A second SIGINT exits at once;
+a repeated SIGTERM is ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 import uvicorn
 
@@ -38,9 +40,12 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         # Runs in the signal handler: only schedule work on the loop.
-        if self._draining or self._loop is None:
-            self.force_exit = self._draining
+        if self._loop is None:
             self.should_exit = True
+            return
+        if self._draining:  # like uvicorn: a second Ctrl-C skips the rest; a repeated SIGTERM changes nothing
+            if sig == signal.SIGINT:
+                self.force_exit = self.should_exit = True
             return
         self._draining = True
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))

@@ -7,6 +7,7 @@ import json
 import math
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -54,8 +55,7 @@ def test_chat_stream_equals_non_stream(oai, model_name):
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a color."}]
     full = oai.chat.completions.create(model=model_name, messages=messages, max_tokens=6, temperature=0)
     assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
-    assert full.usage.completion_tokens == len(full.choices[0].message.content and [1] or []) or \
-        full.usage.completion_tokens >= 1
+    assert 1 <= full.usage.completion_tokens <= 6 and full.choices[0].message.content
     stream = oai.chat.completions.create(model=model_name, messages=messages, max_tokens=6, temperature=0,
                                          stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
@@ -151,7 +151,6 @@ def test_sixteen_concurrent_requests(oai, model_name):
 
 
 def test_disconnect_mid_stream_aborts(http, server):
-    import httpx
     before = scrape(http)
     with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
         with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 80, "stream": True,
@@ -214,7 +213,6 @@ def test_404_401(http, oai, server):
     wrong = openai.OpenAI(base_url=server.url("/v1"), api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.completions.create(model="x", prompt="x", max_tokens=1)
-    import httpx
     anonymous = httpx.post(server.url("/v1/completions"), json={"prompt": "x"})
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(server.url("/health")).status_code == 200  # ops routes stay open
