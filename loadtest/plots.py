@@ -25,14 +25,14 @@ def throughput_ratio_plot(comparison: dict, path: Path, key: str = "output_throu
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
     bars = ax.bar(names, med, yerr=[lo, hi], capsize=6, color="tab:blue", alpha=0.8)
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
-    for bar, m in zip(bars, med):
-        ax.annotate(f"{m:.3f}", (bar.get_x() + bar.get_width() / 2, m),
+    for bar, m, top in zip(bars, med, med + hi):  # label above the whisker
+        ax.annotate(f"{m:.3f}", (bar.get_x() + bar.get_width() / 2, top),
                     xytext=(0, 4), textcoords="offset points", ha="center", fontsize=9)
     low = min(0.8, float((med - lo).min()) - 0.02)
-    ax.set_ylim(max(0.0, low), max(1.1, float((med + hi).max()) + 0.05))
+    ax.set_ylim(max(0.0, low), max(1.1, 1.08 * float((med + hi).max())))
     ax.set_ylabel(f"{key} / {comparison['base']}")
     ax.set_title(f"{key.replace('_', ' ')} relative to '{comparison['base']}' "
-                 f"(median, whiskers min-max over {comparison['rounds']} rounds)", fontsize=10)
+                 f"(median, whiskers min-max, {comparison['rounds']} round(s))", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
