@@ -142,3 +142,19 @@ def test_compare_ratios_and_outputs(tmp_path, fake_cmd):
     assert 0.35 < s["slow"]["ratio"]["output_throughput"]["median"] < 0.8
     assert s["slow"]["engram"]["cache_hit_rate"]["median"] == pytest.approx(0.5)
     assert (tmp_path / "logs" / "base.log").is_file()
+
+
+def test_cli_compare_writes_json_table_and_plots(tmp_path, fake_cmd):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "loadtest", "compare", "--server-cmd", " ".join(fake_cmd(0.002)),
+           "--variant", "base=--no-engram", "--variant", "eng=--engram x", "--rounds", "2",
+           "--num-prompts", "4", "--output-len", "4", "--no-progress", "--out-dir", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    cmp = json.loads((out / "compare.json").read_text())
+    assert cmp["base"] == "base" and cmp["rounds"] == 2 and cmp["workload"]["warmup_requests"] == 4
+    assert [len(cmp["runs"][v]) for v in ("base", "eng")] == [2, 2]
+    table = (out / "compare.md").read_text()
+    assert "| `eng` |" in table and "| `base` | " in table and table.strip() in done.stdout
+    for png in ("throughput_ratio.png", "latency.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
