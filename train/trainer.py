@@ -123,7 +123,7 @@ class Trainer:
         for g in self.dense_opt.param_groups:
             g["lr"] = self.cfg.dense_lr * factor
         rows = self.lm.lookup(ids)
-        leaves = {lid: self.lm.tables[lid][r.unique].float().requires_grad_() for lid, r in rows.items()}
+        leaves = {lid: self.lm.gather(lid, r.unique).requires_grad_() for lid, r in rows.items()}
         emb = {lid: leaves[lid][r.inverse] for lid, r in rows.items()}
         self.dense_opt.zero_grad(set_to_none=True)
         loss = self.lm.loss(torch.from_numpy(ids), emb)
