@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="drive a running server and summarise like `vllm bench serve`")
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="default: the first of GET /v1/models")
-    p.add_argument("--endpoint", default="/v1/completions")
+    p.add_argument("--endpoint", default="/v1/completions",
+                   help="path of an OpenAI-style (text) completions endpoint")
     p.add_argument("--api-key", default=None)
     p.add_argument("--no-scrape", dest="scrape", action="store_false",
                    help="do not read /metrics before and after")
