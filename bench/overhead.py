@@ -15,6 +15,8 @@ Zipfian as in real use, which is what the row cache relies on, without replaying
 greedy text per prompt, which would flatter it; random-token prompts would defeat any
 cache).  Every variant gets the same prompts and token counts; sampled tokens differ,
 which changes no compute but the cache's and page cache's hits.
+The ``mmap`` variant reads through the page cache, which the variants before it in
+a round have warmed (issue 4's own benchmark measures a cold start).
 Run it on a quiet machine: a figure taken while others compute is void.
 Writes bench/results/overhead.json, overhead.md and PNG plots per concurrency.
 """
