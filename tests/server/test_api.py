@@ -150,6 +150,25 @@ def test_sixteen_concurrent_requests(oai, model_name):
         assert r.choices[0].finish_reason == "length"
 
 
+def _wait_idle(http) -> dict[str, float]:
+    deadline = time.monotonic() + 10
+    while True:
+        values = scrape(http)
+        if metric(values, "engram_serve_num_requests_running") == 0 or time.monotonic() > deadline:
+            return values
+        time.sleep(0.1)
+
+
+def _check_aborted(before, after, max_tokens):
+    assert metric(after, "engram_serve_num_requests_running") == 0
+    assert metric(after, "engram_serve_kv_cache_usage_perc") == 0
+    aborted = metric(after, "engram_serve_request_success_total", finished_reason="abort")
+    assert aborted == metric(before, "engram_serve_request_success_total", finished_reason="abort") + 1
+    generated = metric(after, "engram_serve_generation_tokens_total") - \
+        metric(before, "engram_serve_generation_tokens_total")
+    assert 1 <= generated < max_tokens
+
+
 def test_disconnect_mid_stream_aborts(http, server):
     before = scrape(http)
     with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
@@ -159,19 +178,16 @@ def test_disconnect_mid_stream_aborts(http, server):
             got = [next(lines) for _ in range(4)]
             assert any(line.startswith("data: {") for line in got)
             assert metric(scrape(http), "engram_serve_num_requests_running") == 1
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        after = scrape(http)
-        if metric(after, "engram_serve_num_requests_running") == 0:
-            break
-        time.sleep(0.1)
-    assert metric(after, "engram_serve_num_requests_running") == 0
-    assert metric(after, "engram_serve_kv_cache_usage_perc") == 0
-    aborted = metric(after, "engram_serve_request_success_total", finished_reason="abort")
-    assert aborted == metric(before, "engram_serve_request_success_total", finished_reason="abort") + 1
-    generated = metric(after, "engram_serve_generation_tokens_total") - \
-        metric(before, "engram_serve_generation_tokens_total")
-    assert 1 <= generated < 80
+    _check_aborted(before, _wait_idle(http), 80)
+
+
+def test_disconnect_while_waiting_for_a_non_streaming_answer_aborts(http, server):
+    before = scrape(http)
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 85, "ignore_eos": True},
+                   timeout=httpx.Timeout(10, read=0.4))
+    _check_aborted(before, _wait_idle(http), 85)
 
 
 @pytest.mark.parametrize("body, param", [
