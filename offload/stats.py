@@ -49,7 +49,7 @@ class LayerStats:
         byte_idx = unique_rows >> 3
         masks = np.left_shift(np.uint8(1), (unique_rows & 7).astype(np.uint8))
         self.rows_touched += int(np.count_nonzero((self.touched_bits[byte_idx] & masks) == 0))
-        starts = np.flatnonzero(np.r_[True, byte_idx[1:] != byte_idx[:-1]])
+        starts = np.flatnonzero(np.concatenate(([True], byte_idx[1:] != byte_idx[:-1])))
         self.touched_bits[byte_idx[starts]] |= np.bitwise_or.reduceat(masks, starts)
 
 
