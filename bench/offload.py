@@ -7,7 +7,8 @@ prefetch overlap.  ``python -m bench.offload [--gb 8]`` -> bench/results/offload
    - the DRAM random-read limit: numpy.take of random 128-byte rows from the resident table
      (the bare primitive, no dedup/stats/dequantise), vs TableSet host gathers;
    - the disk random-read limit: 4 KiB preads at random offsets after evicting the file from the
-     page cache (queue depth 1 and 8), vs cold and warm mmap gathers (one page fault per row).
+     page cache (queue depth 1 and 8), vs cold and warm mmap gathers (one page fault per row,
+     8 reader threads).
 2. Cache hit rate vs cache size for the shipped policy (set-associative, frequency admission)
    against LRU, direct-mapped and a static top-k oracle, on Zipfian n-gram traffic and on real text
    hashed by engram_runtime's NgramHasher (SmolLM2 tokenizer, Python stdlib sources as text).
@@ -138,6 +139,7 @@ def measure_gathers(cfg: BenchConfig, root: Path, tables: dict) -> dict:
     out["mmap_cold_rows_per_s"], calls = _timed_loop(mm[1].gather, uniform, cfg.seconds)
     out["mmap_cold_gathers"] = calls
     out["mmap_cold_vs_disk_qd1"] = out["mmap_cold_rows_per_s"] / out["disk_limit_qd1_reads_per_s"]
+    out["mmap_cold_vs_disk_qd8"] = out["mmap_cold_rows_per_s"] / out["disk_limit_qd8_reads_per_s"]
     for batch in uniform:
         mm[1].gather(batch)
     out["mmap_warm_rows_per_s"], _ = _timed_loop(mm[1].gather, uniform, cfg.seconds)

@@ -70,3 +70,13 @@ def test_out_of_range_rows_and_bad_placement(ckpt_factory):
         tables[1].gather(np.array([420]))
     with pytest.raises(ValueError, match="placement 'disk'"):
         TableSet.open(ckpt.path, ckpt.tables, placement="disk")
+
+
+def test_large_mmap_gathers_read_in_parallel_chunks_and_match(ckpt_factory):
+    ckpt = ckpt_factory(dtype="bfloat16")
+    rows = np.random.default_rng(3).integers(0, 508, 3000)  # above the parallel threshold
+    mapped = TableSet.open(ckpt.path, ckpt.tables, placement="mmap", progress=False)
+    host = TableSet.open(ckpt.path, ckpt.tables, placement="host", progress=False)
+    assert torch.equal(mapped[15].gather(rows), host[15].gather(rows))
+    assert torch.equal(mapped[15].gather(rows[:5]), ckpt.values[15].bfloat16()[rows[:5]].float())
+    mapped.close()
