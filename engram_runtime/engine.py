@@ -223,14 +223,17 @@ class LLMEngine:
                 for seq in seqs:
                     self._fail(seq, exc)
                 continue
+            picked = []
             for i, (seq, row) in enumerate(group):
                 seq.num_computed += len(row.token_ids)
-                if not seq.in_prefill:
+                if not seq.in_prefill:  # a finished prompt or a decode row: sample its next token
+                    picked.append(i)
                     to_sample.append(seq)
-                    logits.append(out[i])
                     gates.append(hook.gates(i) if hook is not None else None)
+            if picked:
+                logits.append(out if len(picked) == len(group) else out[torch.tensor(picked)])
         if to_sample:
-            self._sample_and_emit(to_sample, torch.stack(logits), gates)
+            self._sample_and_emit(to_sample, torch.cat(logits) if len(logits) > 1 else logits[0], gates)
         self._num_steps += 1
         n_tokens = len(batch.decode) + sum(n for _, n in batch.prefill)
         self._prompt_tokens += sum(n for _, n in batch.prefill)

@@ -35,7 +35,8 @@ class EngramStepHook:
         states = self.runtime.conv_states[layer_id]
         state = states[self.slots]  # gathered copy, written back below
         padded = bool((self.lengths != T).any())
-        out = layer(hidden.unsqueeze(2), emb, state, self.lengths if padded else None)
+        dtype = layer.value_proj.weight.dtype  # the residual stream is float32, the layer may not be
+        out = layer(hidden.unsqueeze(2).to(dtype), emb, state, self.lengths if padded else None)
         states[self.slots] = state
         last = layer.last_gate.mean(dim=-1)[torch.arange(B), self.lengths - 1]  # gate at each row's newest token
         self._gates[layer_id] = last.float().tolist()

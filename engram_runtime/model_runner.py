@@ -39,6 +39,7 @@ class ModelRunner:
         dtype: torch.dtype,
         num_slots: int,
         max_model_len: int,
+        pack_weights: bool = True,
     ):
         self.config = config
         self.dtype = dtype
@@ -48,11 +49,11 @@ class ModelRunner:
             model = Transformer(config)
         model.load_hf_state_dict(state_dict)
         self.model = model.to(dtype).eval().requires_grad_(False)
+        self.model.prepare_for_inference(pack=pack_weights)
         # one scratch position past the end: padded tokens write their K/V there
         self.scratch_pos = max_model_len
-        self.model.setup_cache(num_slots, max_model_len + 1, dtype)
-        cos, sin = rope_tables(config, max_model_len + 1)
-        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.model.setup_cache(num_slots, max_model_len + 1)
+        self.cos, self.sin = rope_tables(config, max_model_len + 1)
 
     def kv_cache_bytes(self) -> int:
         a = self.model.layers[0].attention
@@ -81,7 +82,7 @@ class ModelRunner:
         else:
             read, mask_pos = slots, positions
         allowed = torch.arange(kv_len)[None, None, :] <= mask_pos[:, :, None]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
         rope_pos = write_pos
         attn = AttentionInputs(
             write_slots=slots[:, None].expand(B, T),
@@ -98,7 +99,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, rows: list[Row], engram: EngramHook | None = None, all_logits: bool = False) -> torch.Tensor:
-        """Logits [B, vocab] float32 at each row's last token (or [B, T, vocab] with all_logits)."""
+        """Logits [B, vocab] at each row's last token (or [B, T, vocab] with all_logits), in
+        the weights' dtype: the sampler converts only the rows that need float32."""
         input_ids, attn, logits_index = self.attention_inputs(rows)
         if all_logits:
             return self.model(input_ids, attn, None, engram).view(*input_ids.shape, -1)

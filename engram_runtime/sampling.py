@@ -63,13 +63,13 @@ class SampleResult:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> SampleResult:
-    """logits [B, V] float32 -> one token per row."""
+    """logits [B, V] (any float dtype; converted to float32 only where needed) -> one token per row."""
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = torch.tensor(rows)
-        temp = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype)
-        scaled = logits[idx] / temp[:, None]
+        temp = torch.tensor([params[i].temperature for i in rows])
+        scaled = logits[idx].float() / temp[:, None]
         top_k = [params[i].top_k for i in rows]
         top_p = [params[i].top_p for i in rows]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
@@ -102,7 +102,7 @@ def _logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[i
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
         return out
-    lp = torch.log_softmax(logits[torch.tensor(rows)], dim=-1)
+    lp = torch.log_softmax(logits[torch.tensor(rows)].float(), dim=-1)
     n = max(params[i].logprobs for i in rows)
     top_v, top_i = lp.topk(max(n, 1), dim=-1) if n > 0 else (None, None)
     for j, i in enumerate(rows):
