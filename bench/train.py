@@ -38,13 +38,13 @@ from train.trainer import TrainConfig, train
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def fresh_lm(backbone, tokenizer, root: Path, name: str, rows_per_head: int) -> tuple[EngramLM, Path]:
+def fresh_lm(runner, tokenizer, root: Path, name: str, rows_per_head: int) -> tuple[EngramLM, Path]:
     out = root / name
     info = backbone_info(None)
     init_checkpoint(out, default_config(info["vocab_size"], rows_per_head=rows_per_head), info,
                     dtype="float32", progress=False)
     loaded = ckpt_store.load_for_training(out)
-    return EngramLM(backbone, tokenizer, loaded.ckpt, loaded.tables, trainable=True), out
+    return EngramLM(runner, tokenizer, loaded.ckpt, loaded.tables, trainable=True), out
 
 
 def timed_fwd_bwd(lm: EngramLM, ids: np.ndarray, engram: bool, repeats: int) -> float:
@@ -71,9 +71,9 @@ def timed_fwd_bwd(lm: EngramLM, ids: np.ndarray, engram: bool, repeats: int) -> 
     return best
 
 
-def run_one(backbone, tokenizer, root: Path, name: str, rows: int, tokens: int, optimizer: str,
+def run_one(runner, tokenizer, root: Path, name: str, rows: int, tokens: int, optimizer: str,
             recipe: dict, corpus: list[str]) -> dict:
-    lm, out = fresh_lm(backbone, tokenizer, root, name, rows)
+    lm, out = fresh_lm(runner, tokenizer, root, name, rows)
     lr = recipe["table_lr"] if optimizer == "adagrad" else 1e-2
     cfg = TrainConfig(engram=str(out), corpus=corpus, tokens=tokens, table_optimizer=optimizer,
                       **{**recipe, "table_lr": lr})
@@ -136,19 +136,19 @@ def main(argv: list[str] | None = None) -> None:
         recipe.update(seq_len=64, batch_size=2, eval_every=3, eval_tokens=256, ckpt_every=100, warmup_steps=2)
     load_start = list(os.getloadavg())
     corpus = default_corpus()
-    backbone, tokenizer = load_backbone(None)
+    runner, tokenizer = load_backbone(None)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
         for rows in args.rows:
-            runs.append(run_one(backbone, tokenizer, root, f"adagrad-{rows}", rows, args.tokens, "adagrad",
+            runs.append(run_one(runner, tokenizer, root, f"adagrad-{rows}", rows, args.tokens, "adagrad",
                                 recipe, corpus))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
         mid = args.rows[len(args.rows) // 2]
-        runs.append(run_one(backbone, tokenizer, root, f"adam-{mid}", mid, args.tokens, "adam", recipe, corpus))
+        runs.append(run_one(runner, tokenizer, root, f"adam-{mid}", mid, args.tokens, "adam", recipe, corpus))
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
-        lm, _ = fresh_lm(backbone, tokenizer, root, "throughput", mid)
-        ids = np.random.default_rng(0).integers(0, backbone.config.vocab_size,
+        lm, _ = fresh_lm(runner, tokenizer, root, "throughput", mid)
+        ids = np.random.default_rng(0).integers(0, runner.config.vocab_size,
                                                 (recipe["batch_size"], recipe["seq_len"]))
         t_engram = timed_fwd_bwd(lm, ids, engram=True, repeats=3)
         t_backbone = timed_fwd_bwd(lm, ids, engram=False, repeats=3)

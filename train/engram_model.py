@@ -1,7 +1,7 @@
 """The differentiable Engram model used by training, evaluation and the gate renderer.
 
-It is the serving model, not a copy: the runtime's `Transformer` (same blocks, same
-Engram-before-attention hook), the engram engineer's `EngramLayer` and `NgramHasher`,
+It is the serving model, not a copy: the runtime's `ModelRunner` and `Transformer` (same
+blocks, same Engram-before-attention hook, same attention inputs), the engram engineer's `EngramLayer` and `NgramHasher`,
 and table rows decoded by offload's dtype code. What differs is only how rows arrive:
 serving gets them from the prefetcher; here they are gathered from a table tensor
 (in memory while training, memory-mapped from the table file for eval), and while
@@ -23,7 +23,8 @@ from engram_runtime.checkpoint import EngramCheckpoint, load_checkpoint
 from engram_runtime.compression import CompressedTokenizer
 from engram_runtime.engram import EngramLayer
 from engram_runtime.hashing import NgramHasher
-from engram_runtime.model import AttentionInputs, Transformer, rope_tables
+from engram_runtime.model import AttentionInputs, Transformer
+from engram_runtime.model_runner import ModelRunner, Row
 from engram_runtime.weights import load_model
 from offload.dtypes import TableDType, table_dtype
 from offload.tablefile import map_rows, read_header
@@ -35,23 +36,24 @@ class Rows:
     inverse: torch.Tensor   # int64 [B, T, heads_total] index into `unique`
 
 
-def load_backbone(model: str | None) -> tuple[Transformer, object]:
-    """Frozen backbone (float32, eval mode, requires_grad False everywhere) and its tokenizer,
-    read by the runtime's loader (GGUF or HF directory), so training sees the served weights."""
+def load_backbone(model: str | None) -> tuple[ModelRunner, object]:
+    """The runtime's own ModelRunner (float32, unpacked weights so autograd can run through
+    them; frozen: requires_grad False everywhere) and the tokenizer, read by the runtime's
+    loader (GGUF or HF directory), so training sees exactly the served backbone."""
     loaded = load_model(model)
-    backbone = Transformer(loaded.config)
-    backbone.load_hf_state_dict(loaded.state_dict)
-    backbone.requires_grad_(False).eval()
-    return backbone, loaded.tokenizer
+    runner = ModelRunner(loaded.config, loaded.state_dict, torch.float32, num_slots=1,
+                         max_model_len=loaded.config.max_position_embeddings, pack_weights=False)
+    return runner, loaded.tokenizer
 
 
 class EngramLM:
-    def __init__(self, backbone: Transformer, tokenizer, ckpt: EngramCheckpoint,
+    def __init__(self, runner: ModelRunner, tokenizer, ckpt: EngramCheckpoint,
                  tables: dict[int, torch.Tensor], trainable: bool):
         cfg = ckpt.config
-        mc = backbone.config
+        mc = runner.config
         ckpt.check_backbone(mc.hidden_size, mc.num_hidden_layers, mc.vocab_size)
-        self.backbone = backbone
+        self.runner = runner
+        self.backbone: Transformer = runner.model
         self.tokenizer = tokenizer
         self.config = cfg
         self.manifest = ckpt.manifest
@@ -63,7 +65,7 @@ class EngramLM:
         self.tables = tables
         self.specs: dict[int, TableDType] = {lid: table_dtype(ckpt.tables_manifest[str(lid)]["dtype"])
                                              for lid in cfg.layer_ids}
-        backbone.set_engram_layers(cfg.layer_ids)
+        self.backbone.set_engram_layers(cfg.layer_ids)
         self.eos_id = mc.eos_token_ids[0] if mc.eos_token_ids else cfg.pad_id
 
     # ---- tokens -------------------------------------------------------------------------------
@@ -91,20 +93,15 @@ class EngramLM:
         return {lid: self.gather(lid, r.unique)[r.inverse] for lid, r in self.lookup(ids).items()}
 
     # ---- forward ------------------------------------------------------------------------------
-    def _attention(self, b: int, t: int) -> AttentionInputs:
-        """A whole-sequence causal prefill of b sequences in fresh cache slots 0..b-1.
-
-        The cache is re-made for every forward: its tensors take part in autograd (K/V are
-        written into them), so reusing them would chain one step's graph to the next.
-        """
-        mc = self.backbone.config
-        self.backbone.setup_cache(b, t, torch.float32)
-        cos, sin = rope_tables(mc, t)
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        return AttentionInputs(
-            write_slots=torch.arange(b)[:, None].expand(b, t), write_pos=torch.arange(t)[None].expand(b, t),
-            read=(0, b), q_rows=None, kv_len=t, mask=causal[None, None].expand(b, 1, t, t),
-            cos=cos[None, :, None, :].expand(b, t, 1, -1), sin=sin[None, :, None, :].expand(b, t, 1, -1))
+    def _inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, AttentionInputs]:
+        """A whole-sequence causal prefill of the b rows in fresh cache slots 0..b-1, with the
+        runner's own positions, rope and mask. The cache is re-made for every forward: its
+        tensors take part in autograd (K/V are written into them), so reusing them would
+        chain one step's graph to the next."""
+        b, t = ids.shape
+        self.backbone.setup_cache(b, t + 1)
+        input_ids, attn, _ = self.runner.attention_inputs([Row(i, row, 0) for i, row in enumerate(ids.tolist())])
+        return input_ids, attn
 
     def logits(self, ids: torch.Tensor, emb: dict[int, torch.Tensor] | None) -> torch.Tensor:
         """[B, T, vocab] float32; emb=None runs the backbone alone (the Engram layers skipped)."""
@@ -113,8 +110,8 @@ class EngramLM:
         def hook(layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
             return self.engram[layer_id](hidden.unsqueeze(2), emb[layer_id]).squeeze(2)
 
-        out = self.backbone(ids, self._attention(b, t), engram=hook if emb is not None else None)
-        return out.view(b, t, -1)
+        input_ids, attn = self._inputs(ids)
+        return self.backbone(input_ids, attn, engram=hook if emb is not None else None).view(b, t, -1)
 
     def loss(self, ids: torch.Tensor, emb: dict[int, torch.Tensor] | None) -> torch.Tensor:
         """Mean next-token cross-entropy (nats) over the batch."""
@@ -145,8 +142,8 @@ class EngramLM:
 
 def load_engram_lm(model: str | None, loaded) -> EngramLM:
     """For training: tables already loaded in memory (`ckpt_store.load_for_training`)."""
-    backbone, tokenizer = load_backbone(model)
-    return EngramLM(backbone, tokenizer, loaded.ckpt, loaded.tables, trainable=True)
+    runner, tokenizer = load_backbone(model)
+    return EngramLM(runner, tokenizer, loaded.ckpt, loaded.tables, trainable=True)
 
 
 def open_engram_lm(model: str | None, ckpt_dir: Path) -> EngramLM:
@@ -159,5 +156,5 @@ def open_engram_lm(model: str | None, ckpt_dir: Path) -> EngramLM:
         with warnings.catch_warnings():     # read-only map: this code only ever indexes it
             warnings.simplefilter("ignore", UserWarning)
             tables[lid] = torch.from_numpy(map_rows(header)).view(header.dtype.torch_raw)
-    backbone, tokenizer = load_backbone(model)
-    return EngramLM(backbone, tokenizer, ckpt, tables, trainable=False)
+    runner, tokenizer = load_backbone(model)
+    return EngramLM(runner, tokenizer, ckpt, tables, trainable=False)
