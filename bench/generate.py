@@ -1,16 +1,20 @@
 """Decode throughput: this runtime vs transformers' generate vs the matmul-only roofline.
 
 All three run in this one process, interleaved per (dtype, batch), so their ratios
-hold on a noisy machine. Decode tok/s = tokens produced by decode steps only
-(prefill excluded) / their wall time.
+hold on a noisy machine. Decode tok/s = batch / the MEDIAN decode step time
+(prefill excluded); the median keeps a step preempted by another process on a
+shared machine from moving the figure.
 
 - runtime: LLMEngine stepped in this thread; B identical-length prompts, prefill
   first, then `--steps` timed decode steps.
 - transformers: AutoModelForCausalLM from the same GGUF in the same dtype;
-  generate(max_new_tokens=steps+1) minus generate(max_new_tokens=1) (= prefill).
+  generate(max_new_tokens=steps+1) with a logits processor that timestamps every
+  step (the gaps between its calls are the decode steps).
 - roofline: every weight matrix of the model (q, k, v, o, gate, up, down per layer,
   lm_head) as stored by transformers, multiplied by a [B, in] activation with
   F.linear in a loop, nothing else: what the GEMMs alone cost per decode step.
+  roofline_packed: the same loop with the prepacked oneDNN matmul the runtime
+  itself uses (faster than F.linear on CPU), the stricter bound.
 
     python -m bench.generate [--quick] [--batches 1 8 32 128] [--dtypes float32 bfloat16]
 """
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.model import PackedLinear
 from engram_runtime.model_runner import parse_dtype
 from engram_runtime.sampling import SamplingParams
 from engram_runtime.weights import LoadedModel, load_model
@@ -35,15 +40,18 @@ from engram_runtime.weights import LoadedModel, load_model
 RESULTS = Path(__file__).parent / "results"
 
 
-def roofline(loaded: LoadedModel, dtype: torch.dtype, batch: int, reps: int) -> float:
+def roofline(loaded: LoadedModel, dtype: torch.dtype, batch: int, reps: int, packed: bool = False) -> float:
+    """packed=False: F.linear (the issue's definition); packed=True: the same loop with
+    the prepacked oneDNN kernel the runtime uses (the bound this runtime can reach)."""
     weights = [w.to(dtype) for name, w in loaded.state_dict.items() if w.dim() == 2 and "embed" not in name]
     if loaded.config.tie_word_embeddings:
         weights.append(loaded.state_dict["model.embed_tokens.weight"].to(dtype))
     xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=dtype) for w in weights}
+    mods = [PackedLinear(w) if packed else (lambda x, w=w: F.linear(x, w)) for w in weights]
 
     def step():
-        for w in weights:
-            F.linear(xs[w.shape[1]], w)
+        for w, m in zip(weights, mods):
+            m(xs[w.shape[1]])
 
     step()
     times = []
@@ -62,27 +70,39 @@ def runtime_decode(engine: LLMEngine, prompt: list[int], batch: int, steps: int)
     while any(s.in_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     engine.step()  # warm-up decode step
-    t = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t = time.perf_counter()
         engine.step()
-    dt = time.perf_counter() - t
+        times.append(time.perf_counter() - t)
     engine.run_until_done()
-    return batch * steps / dt
+    return batch / statistics.median(times)
+
+
+class StepClock:
+    """A transformers logits processor that only records when each step's logits arrive."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def transformers_decode(model, prompt: list[int], batch: int, steps: int) -> float:
+    from transformers import LogitsProcessorList
+
     ids = torch.tensor([prompt] * batch)
-    kw = dict(do_sample=False, pad_token_id=2, eos_token_id=None)
-
-    def gen(n: int) -> float:
-        t = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-        assert out.shape[1] == len(prompt) + n
-        return time.perf_counter() - t
-
-    gen(2)  # warm-up
-    return batch * steps / (gen(steps + 1) - gen(1))
+    clock = StepClock()
+    kw = dict(do_sample=False, pad_token_id=2, eos_token_id=None, logits_processor=LogitsProcessorList([clock]))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+        clock.times.clear()
+        out = model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
+    assert out.shape[1] == len(prompt) + steps + 1
+    gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]  # first call ends the prefill
+    return batch / statistics.median(gaps)
 
 
 def load_transformers(path: str, dtype: torch.dtype):
@@ -104,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--quick", action="store_true", help="batches 1 8, 4 steps: checks the script runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=str(RESULTS / "generate.json"))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
-        args.batches, args.steps = [1, 8], 4
+        args.batches, args.steps = [1, 8], 6
 
     loaded = load_model(args.model)
     text = "The history of the city begins with a small settlement on the river, where traders"
@@ -123,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         hf = None if args.no_transformers else load_transformers(loaded.path, dtype)
         per_batch = {}
         for b in args.batches:
-            row = {"roofline": roofline(loaded, dtype, b, reps=max(3, args.steps // 4)),
+            reps = max(3, args.steps // 4)
+            row = {"roofline": roofline(loaded, dtype, b, reps),
+                   "roofline_packed": roofline(loaded, dtype, b, reps, packed=True),
                    "runtime": runtime_decode(engine, prompt, b, args.steps)}
             if hf is not None:
                 row["transformers"] = transformers_decode(hf, prompt, b, args.steps)
                 row["runtime_vs_transformers"] = row["runtime"] / row["transformers"]
             row["runtime_vs_roofline"] = row["runtime"] / row["roofline"]
+            row["runtime_vs_roofline_packed"] = row["runtime"] / row["roofline_packed"]
             per_batch[str(b)] = row
             print(dtype_name, b, {k: round(v, 2) for k, v in row.items()}, flush=True)
         results[dtype_name] = per_batch
