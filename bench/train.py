@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe.update(seq_len=64, batch_size=2, eval_every=3, eval_tokens=256, ckpt_every=100, warmup_steps=2)
     load_start = list(os.getloadavg())
     corpus = default_corpus()
-    runner, tokenizer = load_backbone(None)
+    runner, tokenizer = load_backbone(None, recipe["dtype"])
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)

@@ -27,6 +27,7 @@ class EvalConfig:
     eval_tokens: int = 65_536
     batch_size: int = 8
     heldout_fraction: float | None = None     # None: the fraction in DIR/split.json (else 0.05)
+    dtype: str = "float32"                    # backbone compute dtype (the server's default)
 
 
 def heldout_windows(lm: EngramLM, cfg: EvalConfig) -> tuple[list, object]:
@@ -41,7 +42,7 @@ def heldout_windows(lm: EngramLM, cfg: EvalConfig) -> tuple[list, object]:
 
 def evaluate(cfg: EvalConfig, lm: EngramLM | None = None) -> dict:
     """Score held-out windows with and without Engram; write eval.json and return the report."""
-    lm = lm or open_engram_lm(cfg.model, Path(cfg.engram))
+    lm = lm or open_engram_lm(cfg.model, Path(cfg.engram), cfg.dtype)
     files, windows = heldout_windows(lm, cfg)
     t0 = time.perf_counter()
     base = lm.mean_nll(windows, use_engram=False, batch_size=cfg.batch_size)

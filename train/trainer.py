@@ -33,7 +33,7 @@ from train.metrics import MetricsLog, plot_loss_curve
 from train.sparse_optim import make_sparse_optimizer
 
 # Settings a resumed run must share with the interrupted one, or it would not be the same curve.
-RUN_DEFINING = ("corpus", "tokens", "seq_len", "batch_size", "seed", "heldout_fraction", "dense_lr",
+RUN_DEFINING = ("corpus", "dtype", "tokens", "seq_len", "batch_size", "seed", "heldout_fraction", "dense_lr",
                 "table_lr", "table_optimizer", "warmup_steps", "min_lr_ratio", "weight_decay", "eval_tokens")
 
 
@@ -42,6 +42,7 @@ class TrainConfig:
     engram: str                               # checkpoint directory, trained in place
     corpus: list[str]
     model: str | None = None                  # GGUF / HF dir; None = default SmolLM2-135M
+    dtype: str = "float32"                    # backbone compute while training: float32 | bfloat16
     tokens: int = 1_000_000                   # training tokens (steps = tokens / (batch * seq_len))
     seq_len: int = 256
     batch_size: int = 8
@@ -217,7 +218,7 @@ def train(cfg: TrainConfig, lm: EngramLM | None = None) -> dict:
         ckpt_store.complete_interrupted_commit(ckpt_dir, state)
     ckpt_store.collect_garbage(ckpt_dir)
     if lm is None:
-        lm = load_engram_lm(cfg.model, ckpt_store.load_for_training(ckpt_dir))
+        lm = load_engram_lm(cfg.model, ckpt_store.load_for_training(ckpt_dir), cfg.dtype)
     data = prepare_data(cfg, files, lm.encode, lm.eos_id)
     data.split.write(ckpt_dir / "split.json")
     trainer = Trainer(cfg, lm, data, ckpt_dir, lm.manifest)
