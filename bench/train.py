@@ -30,7 +30,7 @@ import torch
 from engram_runtime.checkpoint import backbone_info, default_config, init_checkpoint
 from train import ckpt_store
 from train.corpus import default_corpus
-from train.default import DEFAULT_DIR, RECIPE
+from train.default import DEFAULT_DIR, RECIPE, TABLE_INIT_STD
 from train.engram_model import EngramLM, load_backbone
 from train.metrics import MetricsLog
 from train.trainer import TrainConfig, train
@@ -44,6 +44,8 @@ def fresh_lm(runner, tokenizer, root: Path, name: str, rows_per_head: int) -> tu
     init_checkpoint(out, default_config(info["vocab_size"], rows_per_head=rows_per_head), info,
                     dtype="float32", progress=False)
     loaded = ckpt_store.load_for_training(out)
+    for table in loaded.tables.values():      # the default recipe's start (train.default)
+        table.mul_(TABLE_INIT_STD)
     return EngramLM(runner, tokenizer, loaded.ckpt, loaded.tables, trainable=True), out
 
 

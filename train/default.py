@@ -2,7 +2,8 @@
 
 Recipe: this interpreter's standard-library sources (present on every machine, no download;
 held-out = 5% of the FILES), Engram layers 1 and 15, orders 2-3, 8 heads x 64 dims per order,
-~2.1M rows per layer table (float32, so small Adagrad updates are not rounded away), sequence
+~2.1M rows per layer table (float32, so small Adagrad updates are not rounded away; rows
+start at N(0, 0.01^2), see TABLE_INIT_STD), sequence
 256, batch 4, row-wise Adagrad 0.1 on rows, AdamW 2e-3 on the dense part, backbone in bf16
 while training (3x faster matmuls here; the final evaluation runs in float32 like the server).
 
@@ -34,6 +35,12 @@ DEFAULT_DIR = Path("checkpoints/engram-smollm2-stdlib")
 ROWS_PER_HEAD = 131_072
 RECIPE = dict(dtype="bfloat16", seq_len=256, batch_size=4, table_lr=0.1, dense_lr=2e-3, warmup_steps=10, eval_every=100,
               eval_tokens=4096, ckpt_every=200, heldout_fraction=0.05)
+# engram-init draws rows N(0, 1) like nn.Embedding. For a retrofit on few tokens that is noise:
+# every held-out N-gram the training never saw would inject a random vector. Scaled to
+# N(0, 0.01^2) before step 0, unseen rows add almost nothing, while the adaptive optimizers
+# (Adagrad on rows, AdamW on the zero-initialised value projection) still move trained rows
+# and weights at their full learning rate, so learning starts at once.
+TABLE_INIT_STD = 0.01
 FINAL_EVAL_TOKENS = 16_384
 MAX_TOKENS = 4_000_000
 
@@ -80,7 +87,11 @@ def main(argv: list[str] | None = None) -> None:
             backbone = backbone_info(None)
             init_checkpoint(out, default_config(backbone["vocab_size"], rows_per_head=ROWS_PER_HEAD),
                             backbone, dtype="float32")
-        lm = load_engram_lm(None, ckpt_store.load_for_training(out), RECIPE["dtype"]) if not resume else None
+        lm = None
+        if not resume:                      # a fresh run from engram-init's N(0, 1) tables
+            lm = load_engram_lm(None, ckpt_store.load_for_training(out), RECIPE["dtype"])
+            for table in lm.tables.values():
+                table.mul_(TABLE_INIT_STD)
         tokens = args.tokens
         if resume:
             tokens = json.loads((out / ckpt_store.TRAIN_STATE).read_text())["config"]["tokens"]
