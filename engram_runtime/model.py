@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -213,13 +214,15 @@ class Transformer(nn.Module):
             block.has_engram = block.layer_id in layer_ids
 
     def setup_cache(self, num_slots: int, max_len: int) -> None:
-        """Static per-slot KV cache, float32 (see Attention). torch.zeros is
-        calloc-backed: pages are only committed once a sequence writes them, and
-        zeros (not garbage) keep masked scores finite."""
+        """Static per-slot KV cache, float32 (see Attention). Allocated with numpy's
+        calloc-backed zeros: the OS commits a page only when a sequence first writes
+        it, so memory follows the tokens actually held, not num_slots * max_len
+        (torch.zeros would touch all of it: 6 GB for 64 slots x 2048 positions).
+        Zeros rather than garbage keep masked scores finite."""
         kv, d = self.config.num_key_value_heads, self.config.head_dim
         for block in self.layers:
-            block.attention.k_cache = torch.zeros(num_slots, kv, d, max_len)
-            block.attention.v_cache = torch.zeros(num_slots, kv, max_len, d)
+            block.attention.k_cache = torch.from_numpy(np.zeros((num_slots, kv, d, max_len), np.float32))
+            block.attention.v_cache = torch.from_numpy(np.zeros((num_slots, kv, max_len, d), np.float32))
 
     def forward(
         self,

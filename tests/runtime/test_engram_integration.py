@@ -47,7 +47,7 @@ def random_values(engine):
     gen = torch.Generator().manual_seed(0)
     for layer in engine.engram.layers.values():
         w = layer.value_proj.weight
-        w.copy_(torch.randn(w.shape, generator=gen) * 0.05)
+        w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
     return engine
 
 
