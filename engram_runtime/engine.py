@@ -22,7 +22,7 @@ from engram_runtime.sampling import SamplingParams, sample
 from engram_runtime.scheduler import ScheduledBatch, Scheduler
 from engram_runtime.sequence import IncrementalDetokenizer, RequestOutput, Sequence
 from engram_runtime.tokenizer import eos_token_ids
-from engram_runtime.weights import LoadedModel, load_model
+from engram_runtime.weights import DEFAULT_MODEL_NAME, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class LLMEngine:
         loaded = loaded or load_model(config.model)
         model_config, state_dict = loaded.config, loaded.state_dict
         self.model_config = model_config
-        self.model_name = model_config.name if config.model is None else str(config.model)
+        # like vLLM: the served name is what the user passed; the default model gets its short id
+        self.model_name = DEFAULT_MODEL_NAME if config.model is None else str(config.model)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.eos_token_ids)
         self.max_model_len = config.max_model_len or min(

@@ -15,7 +15,8 @@ import torch
 
 from engram_runtime.config import ModelConfig
 
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_NAME = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
 
 
 class ModelLoadError(ValueError):
