@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from offload.dtypes import table_dtype
-from offload.tablefile import TableFileError, check_table, write_table
+from offload.tablefile import TableFileError, check_table, file_sha256, write_table
 
 from .engram import EngramLayer
 from .engram_config import EngramConfig
@@ -46,14 +45,6 @@ def table_file_name(layer_id: int) -> str:
     return f"table_layer{layer_id}.safetensors"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _dense_shapes(cfg: EngramConfig, layer_id: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
     """Expected dense parameter shapes of one layer, from a layer built on the meta device (no memory)."""
     with torch.device("meta"):
@@ -67,7 +58,7 @@ def write_dense(ckpt_dir, dense: dict[int, dict[str, torch.Tensor]]) -> dict:
     flat = {f"layers.{lid}.{k}": v.detach().to("cpu").contiguous() for lid, sd in dense.items() for k, v in sd.items()}
     save_file(flat, str(path))
     os.chmod(path, 0o644)  # safetensors creates 0600; a checkpoint is shared data like the tables
-    return {"file": DENSE_FILE, "sha256": _sha256(path)}
+    return {"file": DENSE_FILE, "sha256": file_sha256(path, progress=False)}
 
 
 def write_manifest(ckpt_dir, cfg: EngramConfig, backbone: dict, dense_entry: dict,
@@ -194,7 +185,7 @@ def load_checkpoint(ckpt_dir, verify_tables: bool = False) -> EngramCheckpoint:
     dense_path = ckpt_dir / str(manifest["dense"].get("file", DENSE_FILE))
     if not dense_path.is_file():
         raise EngramCheckpointError(f"dense weights file {dense_path} does not exist")
-    if _sha256(dense_path) != manifest["dense"].get("sha256"):
+    if file_sha256(dense_path, progress=False) != manifest["dense"].get("sha256"):
         raise EngramCheckpointError(f"dense weights file {dense_path} does not match the sha256 in the manifest")
     flat = load_file(str(dense_path))
     dense: dict[int, dict[str, torch.Tensor]] = {}
