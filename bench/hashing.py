@@ -1,7 +1,8 @@
 """Hashing and Engram-compute benchmark: ``python -m bench.hashing [--quick]`` -> bench/results/hashing.json.
 
 Measures, in one process so the ratios hold on a noisy machine:
-1. NgramHasher time for one decode step (hash_windows, batch 1 and 32) and for a 2048-token
+1. NgramHasher time for one decode step (hash of each row's newest N tokens, as the engine's
+   EngramRuntime.step_rows calls it, batch 1 and 32) and for a 2048-token
    prefill (hash), with the engram-init default layout for SmolLM2-135M (layers 1 and 15,
    orders 2 and 3, 8 heads each: 2 layers x 16 heads) and the real compressed vocabulary.
 2. Engram's own compute per decode step (both layers: key/value projections, gate norms,
@@ -56,7 +57,7 @@ def bench_hashing(hasher: NgramHasher, reps: int) -> dict:
     out = {}
     for b in BATCHES:
         windows = rng.integers(0, vocab, size=(b, n))
-        out[f"decode_step_batch{b}"] = time_us(lambda: hasher.hash_windows(windows), reps * 20)
+        out[f"decode_step_batch{b}"] = time_us(lambda: hasher.hash(windows), reps * 20)
     prompt = rng.integers(0, vocab, size=(1, PREFILL))
     out[f"prefill_{PREFILL}"] = time_us(lambda: hasher.hash(prompt), reps * 2)
     return out
