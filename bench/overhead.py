@@ -31,7 +31,7 @@ from pathlib import Path
 
 from loadtest.checkpoints import create_checkpoint, vocab_for_table_gb
 from loadtest.compare import CompareConfig, Variant, paired_ratio, run_compare
-from loadtest.launch import default_server_cmd
+from harness.process import engram_serve_cmd
 from loadtest.plots import latency_plot, throughput_ratio_plot
 from loadtest.report import compare_markdown, write_json
 from loadtest.workload import WorkloadConfig, build_requests
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         run_kwargs = {"max_concurrency": c, "warmup_requests": c, "request_rate": float("inf"),
                       "temperature": cfg.temperature}
         compare_cfg = CompareConfig(
-            variants=vs, server_cmd=default_server_cmd(),
+            variants=vs, server_cmd=engram_serve_cmd(),
             server_args=["--max-num-seqs", str(max(16, c))] + cfg.server_args,
             out_dir=LOGS / f"{cfg.name}_c{c}", rounds=cfg.rounds, restart_each_round=True,
         )

@@ -75,7 +75,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of the default variants, e.g. no-engram,ram")
     p.add_argument("--server-cmd", default=None,
-                   help="server command (default: engram-serve, else python -m server.cli); "
+                   help="server command (default: this checkout's engram-serve, python -m server.cli); "
                         "--host/--port are appended")
     p.add_argument("--server-args", default="", help="arguments common to every variant")
     p.add_argument("--rounds", type=int, default=3,
@@ -108,9 +108,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import shlex
     from datetime import datetime, timezone
 
+    from harness.process import engram_serve_cmd
     from loadtest.checkpoints import resolve_checkpoints
     from loadtest.compare import DEFAULT_VARIANTS, CompareConfig, Variant, run_compare
-    from loadtest.launch import default_server_cmd
     from loadtest.plots import latency_plot, throughput_ratio_plot
     from loadtest.report import compare_markdown, write_json
 
@@ -128,7 +128,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                    + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
     cfg = CompareConfig(
         variants=[Variant.parse(s, fill) for s in specs],
-        server_cmd=shlex.split(args.server_cmd) if args.server_cmd else default_server_cmd(),
+        server_cmd=shlex.split(args.server_cmd) if args.server_cmd else engram_serve_cmd(),
         server_args=shlex.split(args.server_args), out_dir=out_dir, rounds=args.rounds,
         restart_each_round=args.restart_each_round, startup_timeout=args.startup_timeout,
     )
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from loadtest.launch import ServerStartError
+    from harness.process import ServerStartError
     from loadtest.runner import TargetError
 
     try:

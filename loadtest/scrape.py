@@ -10,11 +10,12 @@ yields no Engram section.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from harness.promql import histogram_quantile
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 Samples = dict[Key, float]
@@ -54,25 +55,6 @@ def _by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
         if n == name:
             out[dict(labels).get(label, "")] += v
     return dict(out)
-
-
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """PromQL's estimate from cumulative bucket counts {upper bound: count}."""
-    bounds = sorted(buckets)
-    if not bounds or buckets[bounds[-1]] <= 0:
-        return None
-    rank = q * buckets[bounds[-1]]
-    prev_bound, prev_count = 0.0, 0.0
-    for b in bounds:
-        count = buckets[b]
-        if count >= rank:
-            if math.isinf(b):
-                return prev_bound  # beyond the last finite bucket: its bound
-            if count == prev_count:
-                return b
-            return prev_bound + (b - prev_bound) * (rank - prev_count) / (count - prev_count)
-        prev_bound, prev_count = b, count
-    return prev_bound
 
 
 def _buckets(samples: Samples, name: str) -> dict[float, float]:

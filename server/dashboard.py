@@ -21,6 +21,8 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 
+from harness.promql import histogram_quantile
+
 STATIC = Path(__file__).resolve().parent / "static"
 SAMPLE_INTERVAL = 2.0      # seconds between two samples of the registry
 HISTORY_SECONDS = 300.0    # what the page shows
@@ -48,25 +50,6 @@ def _select(sample: Sample, name: str, by: str | None) -> dict[str, float]:
         key = labels.get(by, "") if by else ""
         groups[key] = groups.get(key, 0.0) + value
     return groups
-
-
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """Prometheus's histogram_quantile on cumulative bucket counts {upper bound: count}."""
-    bounds = sorted(buckets)
-    if not bounds or bounds[-1] != math.inf or buckets[math.inf] <= 0:
-        return None
-    rank = q * buckets[math.inf]
-    lower, below = 0.0, 0.0
-    for upper in bounds:
-        count = buckets[upper]
-        if count >= rank:
-            if upper == math.inf:  # like Prometheus: the highest finite bound
-                return lower
-            if count == below:
-                return upper
-            return lower + (upper - lower) * (rank - below) / (count - below)
-        lower, below = upper, count
-    return None
 
 
 @dataclass

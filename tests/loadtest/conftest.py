@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.launch import ServerProcess
+from harness.process import ServerProcess
 
 FAKE_SERVER = Path(__file__).with_name("fake_server.py")
 

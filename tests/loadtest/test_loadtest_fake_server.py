@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from loadtest.compare import CompareConfig, Variant, run_compare
-from loadtest.launch import ServerProcess
+from harness.process import ServerProcess
 from loadtest.metrics import SUMMARY_KEYS
 from loadtest.runner import RunConfig, TargetError, run
 from loadtest.scrape import parse_metrics

@@ -5,7 +5,8 @@ import pytest
 
 from loadtest.client import RequestResult
 from loadtest.metrics import SUMMARY_KEYS, summarize
-from loadtest.scrape import engram_figures, histogram_quantile, parse_metrics
+from harness.promql import histogram_quantile
+from loadtest.scrape import engram_figures, parse_metrics
 
 
 def test_summary_matches_vllm_definitions():

@@ -10,9 +10,9 @@ import time
 import httpx
 import pytest
 
+from harness.process import ServerProcess, engram_serve_cmd
 from loadtest.checkpoints import create_checkpoint, vocab_for_table_gb
 from loadtest.compare import CompareConfig, Variant, run_compare
-from loadtest.launch import ServerProcess, default_server_cmd
 from loadtest.metrics import SUMMARY_KEYS
 from loadtest.plots import latency_plot, throughput_ratio_plot
 from loadtest.report import compare_markdown
@@ -36,7 +36,7 @@ def tiny_engram(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory, tiny_engram):
     log = tmp_path_factory.mktemp("real") / "server.log"
-    cmd = default_server_cmd() + SERVER_ARGS + ["--engram", str(tiny_engram), "--cache-rows", "512"]
+    cmd = engram_serve_cmd() + SERVER_ARGS + ["--engram", str(tiny_engram), "--cache-rows", "512"]
     with ServerProcess(cmd, log, startup_timeout=600) as srv:
         yield srv
 
@@ -105,7 +105,7 @@ def test_compare_two_tiny_configurations(tmp_path, tiny_engram):
     cfg = CompareConfig(
         variants=[Variant("no-engram", ["--no-engram"]),
                   Variant("ram", ["--engram", str(tiny_engram), "--table-placement", "host"])],
-        server_cmd=default_server_cmd(), server_args=SERVER_ARGS, out_dir=tmp_path, rounds=2,
+        server_cmd=engram_serve_cmd(), server_args=SERVER_ARGS, out_dir=tmp_path, rounds=2,
         startup_timeout=600,
     )
     reqs = build_requests(WorkloadConfig(dataset="builtin", num_prompts=2, output_len=6))

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from engram_runtime.checkpoint import init_main
-from server.testing import ServerProcess, free_port
+from harness.process import ServerProcess, engram_serve_cmd, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -130,7 +130,7 @@ def observed_server(tmp_path_factory):
     assert init_main([str(ckpt), "--rows-per-head", "2000", "--dtype", "float32", "--quiet"]) == 0
     logs = tmp_path_factory.mktemp("obs-logs")
     args = ["--engram", str(ckpt), "--cache-rows", "2000", "--max-model-len", "96", "--max-num-seqs", "4"]
-    with ServerProcess(args, log_path=logs / "engram-serve.log") as server:
+    with ServerProcess(engram_serve_cmd(args), logs / "engram-serve.log") as server:
         prometheus = PrometheusProcess(f"{server.host}:{server.port}", logs)
         load = BackgroundLoad(server.base_url).start()
         try:

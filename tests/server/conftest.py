@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from engram_runtime.checkpoint import init_main
-from server.testing import ServerProcess
+from harness.process import ServerProcess, engram_serve_cmd
 
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 96
@@ -32,15 +32,17 @@ def _servers(engram_ckpt, tmp_path_factory):
     """Both servers of this suite, launched together: model loading is mostly single-threaded, so
     two loads in parallel take little longer than one."""
     logs = tmp_path_factory.mktemp("logs")
-    main = ServerProcess(["--engram", engram_ckpt, "--max-model-len", str(MAX_MODEL_LEN),
-                          "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", "64", "--api-key", API_KEY,
-                          "--shutdown-timeout", "5"], log_path=logs / "engram-serve.log", wait_ready=False)
+    main = ServerProcess(engram_serve_cmd(["--engram", engram_ckpt, "--max-model-len", str(MAX_MODEL_LEN),
+                                           "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", "64",
+                                           "--api-key", API_KEY, "--shutdown-timeout", "5"]),
+                         logs / "engram-serve.log")
     # One running sequence and a queue of one reach the limits with three requests; no Engram,
     # so the metrics must be complete without tables too.
-    small = ServerProcess(["--no-engram", "--max-model-len", "64", "--max-num-seqs", "1", "--max-queue", "1",
-                           "--shutdown-timeout", "60"], log_path=logs / "engram-serve-small.log", wait_ready=False)
+    small = ServerProcess(engram_serve_cmd(["--no-engram", "--max-model-len", "64", "--max-num-seqs", "1",
+                                            "--max-queue", "1", "--shutdown-timeout", "60"]),
+                          logs / "engram-serve-small.log")
     for srv in (main, small):
-        srv.start()
+        srv.launch()
     yield {"main": main, "small": small}
     for srv in (main, small):  # both drain and exit in parallel
         srv.signal()
@@ -50,13 +52,13 @@ def _servers(engram_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(_servers) -> ServerProcess:
-    _servers["main"].wait_until_ready()
+    _servers["main"].wait_healthy()
     return _servers["main"]
 
 
 @pytest.fixture(scope="session")
 def small_server(_servers) -> ServerProcess:
-    _servers["small"].wait_until_ready()
+    _servers["small"].wait_healthy()
     return _servers["small"]
 
 
