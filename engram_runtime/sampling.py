@@ -64,7 +64,9 @@ class SampleResult:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> SampleResult:
     """logits [B, V] (any float dtype; converted to float32 only where needed) -> one token per row."""
-    tokens = logits.argmax(dim=-1)
+    # max(dim).indices, not argmax: the same first-maximum index, but argmax over bfloat16
+    # logits runs 6x slower on this CPU (36 ms against 6 ms at batch 128, a quarter of a step)
+    tokens = logits.max(dim=-1).indices
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = torch.tensor(rows)
