@@ -124,18 +124,3 @@ class NgramHasher:
         padded = np.concatenate([np.full((b, n - 1), self.compressed_pad_id, dtype=np.int64), c], axis=1)
         shifted = np.stack([padded[:, n - 1 - k: n - 1 - k + t] for k in range(n)])
         return self._rows(shifted)
-
-    def hash_windows(self, windows) -> dict[int, np.ndarray]:
-        """Raw ids [B, max_ngram_size] (each sequence's newest tokens, left-padded with cfg.pad_id)
-        -> {layer_id: np.int64 [B, heads_total]}: the rows of each window's last position.
-
-        This is a decode step's whole hashing work; it equals hash() on the full
-        sequence at that position because raw pad_id compresses to the reference's pad.
-        """
-        w = np.asarray(windows)
-        n = self.cfg.max_ngram_size
-        if w.ndim != 2 or w.shape[1] != n:
-            raise ValueError(f"NgramHasher.hash_windows expects windows of shape [B, {n}], got {w.shape}")
-        c = self.ct(w)
-        shifted = np.ascontiguousarray(c[:, ::-1].T)[:, :, None]  # [N, B, 1]: shifted[k] = k back
-        return {lid: r[:, 0] for lid, r in self._rows(shifted).items()}

@@ -50,17 +50,19 @@ def test_batched_hash_equals_each_row_alone(hasher, golden_hash):
             assert rows[lid][b].tolist() == case["hash_ids"][str(lid)][:t]
 
 
-def test_hash_windows_equals_full_hash_at_every_position(hasher):
+def test_last_window_position_equals_full_hash_at_every_position(hasher):
+    """A decode step hashes only each sequence's newest N tokens, left-padded with raw pad_id at
+    the sequence start (EngramRuntime.step_rows): its last position must equal the full hash."""
     rng = np.random.default_rng(1)
     ids = rng.integers(0, hasher.ct.vocab_size, size=(3, 12))
     full = hasher.hash(ids)
     n, pad = hasher.cfg.max_ngram_size, hasher.cfg.pad_id
     padded = np.concatenate([np.full((3, n - 1), pad), ids], axis=1)
     for t in range(ids.shape[1]):
-        step = hasher.hash_windows(padded[:, t: t + n])
+        step = hasher.hash(padded[:, t: t + n])
         for lid in hasher.cfg.layer_ids:
-            assert step[lid].shape == (3, hasher.cfg.heads_total)
-            np.testing.assert_array_equal(step[lid], full[lid][:, t])
+            assert step[lid].shape == (3, n, hasher.cfg.heads_total)
+            np.testing.assert_array_equal(step[lid][:, -1], full[lid][:, t])
 
 
 def test_rows_stay_inside_their_heads(hasher):
@@ -91,7 +93,5 @@ def test_primes_are_distinct_primes_above_the_start():
 def test_bad_inputs_are_refused(hasher):
     with pytest.raises(ValueError, match="shape"):
         hasher.hash(np.zeros(5, dtype=np.int64))
-    with pytest.raises(ValueError, match="windows"):
-        hasher.hash_windows(np.zeros((2, 2), dtype=np.int64))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         hasher.hash(np.array([[1, hasher.ct.vocab_size]]))
