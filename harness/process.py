@@ -91,7 +91,7 @@ class ServerProcess:
         with open(self.log_path, "w") as log:
             log.write("$ " + " ".join(argv) + "\n")
             log.flush()
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True, env={**repo_env(), **self.env})
         self.started = time.monotonic()
 
