@@ -31,7 +31,10 @@ class EngramHook(Protocol):
 class AttentionInputs:
     """Per-step attention plumbing shared by all layers.
 
-    write_slots/write_pos [B, T]: where each token's K/V goes in the cache.
+    write_rows [B*T*n_kv]: where each token's K/V head goes in the cache seen as rows of
+    head_dim, (slot * n_kv + head) * cache_len + position, in (b, t, head) order: one
+    index_copy_ per cache per layer (a scatter indexed by slot and position took 6% of
+    a batch-128 step).
     read: how to view the cache for this batch: (slot_start, slot_stop) for a
     contiguous slot range (a view, no copy), else a LongTensor of slots (gather).
     q_rows: when reading a slot range wider than the batch, the rows of that range
@@ -40,8 +43,7 @@ class AttentionInputs:
     built once per step instead of converting a bool mask in every layer.
     """
 
-    write_slots: torch.Tensor
-    write_pos: torch.Tensor
+    write_rows: torch.Tensor
     read: tuple[int, int] | torch.Tensor
     q_rows: torch.Tensor | None
     kv_len: int
@@ -74,18 +76,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-def decode_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per row: q [R, 1, H, D], keys_t [R, KV, D, L], values [R, KV, L, D],
-    mask [R, 1, 1, L] -> [R, 1, H, D].
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row: q [R, 1, H, D], keys and values [R, KV, L, D] (views of the
+    cache), mask [R, 1, 1, L] -> [R, 1, H, D].
 
     The query heads sharing a KV head become the rows of one small matmul (no
     repeat of K/V). Measured on this CPU, torch's flash SDPA kernel is several
     times slower than this for a decode batch.
     """
     R, _, H, D = q.shape
-    kv = keys_t.shape[1]
+    kv = keys.shape[1]
     qg = q.view(R, kv, H // kv, D) * D**-0.5
-    scores = torch.matmul(qg, keys_t) + mask
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) + mask
     return torch.matmul(scores.softmax(dim=-1), values).view(R, 1, H, D)
 
 
@@ -97,10 +99,12 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.wqkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=False)
         self.wo = nn.Linear(config.q_size, config.hidden_size, bias=False)
-        # K is stored transposed so decode's q @ K^T reads it in place (a strided K^T
-        # made every decode matmul copy K first: 2-5x slower at batch 32-128)
-        self.k_cache: torch.Tensor | None = None  # [slots, n_kv, head_dim, max_len]
-        self.v_cache: torch.Tensor | None = None  # [slots, n_kv, max_len, head_dim]
+        # both [slots, n_kv, max_len, head_dim]: a batch's first L positions are one
+        # contiguous block per (slot, head), whatever max_len is. (K stored transposed,
+        # [.., head_dim, max_len], strides each of its D rows max_len apart: 2.7x slower
+        # decode attention at batch 128 with max_len 2048, measured here.)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
@@ -110,21 +114,22 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], a.cos, a.sin)  # q and k heads in one go
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
-        # scatter this step's K/V into the static cache, then attend over the cache
-        self.k_cache[a.write_slots, :, :, a.write_pos] = k
-        self.v_cache[a.write_slots, :, a.write_pos] = v
+        # write this step's K/V into the static cache, then attend over the cache
+        d = self.head_dim
+        self.k_cache.view(-1, d).index_copy_(0, a.write_rows, k.reshape(-1, d))
+        self.v_cache.view(-1, d).index_copy_(0, a.write_rows, v.reshape(-1, d))
         rows = slice(*a.read) if isinstance(a.read, tuple) else a.read
-        keys_t = self.k_cache[rows, :, :, : a.kv_len]
+        keys = self.k_cache[rows, :, : a.kv_len]
         values = self.v_cache[rows, :, : a.kv_len]
         if a.q_rows is not None:  # attend over a slot range: place the batch's queries in it
             full = q.new_zeros(values.shape[0], *q.shape[1:])
             full[a.q_rows] = q
             q = full
         if T == 1:
-            out = decode_attention(q, keys_t, values, a.mask)
+            out = decode_attention(q, keys, values, a.mask)
         else:
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys_t.transpose(-1, -2), values, attn_mask=a.mask, enable_gqa=True
+                q.transpose(1, 2), keys, values, attn_mask=a.mask, enable_gqa=True
             ).transpose(1, 2)
         if a.q_rows is not None:
             out = out[a.q_rows]
@@ -221,7 +226,7 @@ class Transformer(nn.Module):
         Zeros rather than garbage keep masked scores finite."""
         kv, d = self.config.num_key_value_heads, self.config.head_dim
         for block in self.layers:
-            block.attention.k_cache = torch.from_numpy(np.zeros((num_slots, kv, d, max_len), np.float32))
+            block.attention.k_cache = torch.from_numpy(np.zeros((num_slots, kv, max_len, d), np.float32))
             block.attention.v_cache = torch.from_numpy(np.zeros((num_slots, kv, max_len, d), np.float32))
 
     def forward(

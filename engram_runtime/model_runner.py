@@ -84,9 +84,10 @@ class ModelRunner:
         allowed = torch.arange(kv_len)[None, None, :] <= mask_pos[:, :, None]
         mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
         rope_pos = write_pos
+        kv, cache_len = self.config.num_key_value_heads, self.scratch_pos + 1
+        head_rows = (slots[:, None, None] * kv + torch.arange(kv)) * cache_len  # [B, 1, kv]
         attn = AttentionInputs(
-            write_slots=slots[:, None].expand(B, T),
-            write_pos=write_pos,
+            write_rows=(head_rows + write_pos[:, :, None]).reshape(-1),
             read=read,
             q_rows=q_rows,
             kv_len=kv_len,
