@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser, configs, env_name, main
+from server.cli import build_parser, configs, env_name, main, set_compute_threads
 from engram_runtime.checkpoint import init_main
 from server import default_engram
 from server.default_engram import INIT_NAME, TRAINED_NAME, resolve_default_engram
@@ -19,7 +19,7 @@ def test_every_option_has_an_environment_variable(monkeypatch):
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     for required in ("--model", "--engram", "--no-engram", "--table-placement", "--table-dtype", "--cache-rows",
                      "--no-prefetch", "--max-num-seqs", "--max-queue", "--dtype", "--host", "--port", "--api-key",
-                     "--shutdown-timeout"):
+                     "--shutdown-timeout", "--threads"):
         action = next(a for a in options if required in a.option_strings)
         assert f"[env {env_name(required)}]" in action.help
     monkeypatch.setenv("ENGRAM_SERVE_MAX_QUEUE", "7")
@@ -38,6 +38,7 @@ def test_every_option_has_an_environment_variable(monkeypatch):
     (["--engram", "/no/such/ckpt"], {}, "/no/such/ckpt"),
     (["--engram", "x", "--no-engram"], {}, "exclude each other"),
     (["--no-engram", "--max-num-seqs", "0"], {}, "--max-num-seqs"),
+    (["--no-engram", "--threads", "0"], {}, "--threads"),
     (["--no-engram"], {"ENGRAM_SERVE_DTYPE": "float8"}, "float8"),
     (["--no-engram"], {"ENGRAM_SERVE_PORT": "eighty"}, "eighty"),
     (["--model", "/no/such.gguf", "--no-engram"], {}, "/no/such.gguf"),
@@ -50,6 +51,19 @@ def test_startup_errors_are_one_line(argv, env, message, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_compute_threads_leave_one_cpu_by_default():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        set_compute_threads(None)
+        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+        set_compute_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_corrupt_checkpoint_refused_before_loading(tmp_path, capsys):
