@@ -199,6 +199,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.cache_len = 0  # positions per slot of the KV cache, set by setup_cache
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
@@ -225,6 +226,7 @@ class Transformer(nn.Module):
         (torch.zeros would touch all of it: 6 GB for 64 slots x 2048 positions).
         Zeros rather than garbage keep masked scores finite."""
         kv, d = self.config.num_key_value_heads, self.config.head_dim
+        self.cache_len = max_len
         for block in self.layers:
             block.attention.k_cache = torch.from_numpy(np.zeros((num_slots, kv, max_len, d), np.float32))
             block.attention.v_cache = torch.from_numpy(np.zeros((num_slots, kv, max_len, d), np.float32))

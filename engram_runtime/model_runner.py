@@ -84,8 +84,8 @@ class ModelRunner:
         allowed = torch.arange(kv_len)[None, None, :] <= mask_pos[:, :, None]
         mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
         rope_pos = write_pos
-        kv, cache_len = self.config.num_key_value_heads, self.scratch_pos + 1
-        head_rows = (slots[:, None, None] * kv + torch.arange(kv)) * cache_len  # [B, 1, kv]
+        kv = self.config.num_key_value_heads
+        head_rows = (slots[:, None, None] * kv + torch.arange(kv)) * self.model.cache_len  # [B, 1, kv]
         attn = AttentionInputs(
             write_rows=(head_rows + write_pos[:, :, None]).reshape(-1),
             read=read,
