@@ -108,7 +108,8 @@ class EngramLM:
         return input_ids, attn
 
     def logits(self, ids: torch.Tensor, emb: dict[int, torch.Tensor] | None) -> torch.Tensor:
-        """[B, T, vocab] float32; emb=None runs the backbone alone (the Engram layers skipped)."""
+        """[B, T, vocab] in the backbone's dtype; emb=None runs the backbone alone (the Engram
+        layers skipped)."""
         b, t = ids.shape
 
         def hook(layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -118,8 +119,10 @@ class EngramLM:
         return self.backbone(input_ids, attn, engram=hook if emb is not None else None).view(b, t, -1)
 
     def loss(self, ids: torch.Tensor, emb: dict[int, torch.Tensor] | None) -> torch.Tensor:
-        """Mean next-token cross-entropy (nats) over the batch."""
-        logits = self.logits(ids, emb)
+        """Mean next-token cross-entropy (nats) over the batch, in float32 whatever the backbone's
+        dtype: a bfloat16 mean steps by 0.008 near 2.4 nats, a third of a percent of the gains
+        the held-out evaluations compare."""
+        logits = self.logits(ids, emb).float()
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
     @torch.no_grad()
