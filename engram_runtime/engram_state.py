@@ -35,8 +35,7 @@ class EngramStepHook:
         states = self.runtime.conv_states[layer_id]
         state = states[self.slots]  # gathered copy, written back below
         padded = bool((self.lengths != T).any())
-        dtype = layer.value_proj.weight.dtype  # the residual stream is float32, the layer may not be
-        out = layer(hidden.unsqueeze(2).to(dtype), emb, state, self.lengths if padded else None)
+        out = layer(hidden.unsqueeze(2), emb, state, self.lengths if padded else None)  # float32, as the layer
         states[self.slots] = state
         last = layer.last_gate.mean(dim=-1)[torch.arange(B), self.lengths - 1]  # gate at each row's newest token
         self._gates[layer_id] = last.float().tolist()
