@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from offload.cache import POLICIES, RowCache
-from offload.prefetch import Prefetcher
 from offload.store import TableSet
 
 LAYERS = (1, 15)
@@ -255,7 +254,7 @@ def measure_decode(cfg: BenchConfig, ckpt, hasher, loaded) -> dict:
         wait_s = {name: [] for name in configs}
         for name in [*configs, *reversed(configs)]:
             tables, prefetch = configs[name]
-            runtime = EngramRuntime(layers, hasher, tables, Prefetcher(tables, ckpt.head_offsets, prefetch), runner)
+            runtime = EngramRuntime(layers, hasher, tables, ckpt.head_offsets, runner, prefetch)
             ids = [list(p) for p in prompts[:batch]]
             rows = [Row(b, ids[b], 0) for b in range(batch)]
             with torch.no_grad():

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .engram_config import EngramConfig
+from .model import PackedLinear
 
 # The reference builds the gate's RMSNorms with eps=None (torch's default, finfo(dtype).eps)
 # and the short conv's with 1e-5; both are part of the numerics the golden vectors pin down.
@@ -46,7 +47,8 @@ class ShortConv(nn.Module):
         lengths [B] (optional): valid positions per row of a right-padded batch; each row's new
         state then ends at its last valid position instead of at the padding."""
         b, t, g, d = x.shape
-        normed = torch.cat([self.norms[i](x[:, :, i]) for i in range(g)], dim=-1)  # [B, T, hc*D]
+        weight = torch.stack([norm.weight for norm in self.norms])  # [hc, D]: one op for every branch
+        normed = (F.rms_norm(x, (d,), eps=_CONV_NORM_EPS) * weight).flatten(2)  # [B, T, hc*D]
         if state is None:
             left = normed.new_zeros(b, self.context, g * d)
         else:
@@ -61,11 +63,11 @@ class ShortConv(nn.Module):
             state.copy_(full.gather(1, idx[:, :, None].expand(-1, -1, g * d)))
         # Depthwise conv as kernel_size shifted multiply-adds in channels-last layout: the same sum
         # as Conv1d, without transposes, and several times faster than mkldnn for decode's T=1.
-        taps = self.conv.weight[:, 0, :].to(normed.dtype)  # [C, kernel_size]
-        y = full[:, :t] * taps[:, 0]
-        for j in range(1, taps.shape[1]):
-            y = y.addcmul_(full[:, j * self.dilation: j * self.dilation + t], taps[:, j])
-        return F.silu(y).reshape(b, t, g, d)
+        taps = self.conv.weight[:, 0, :].t().to(normed.dtype)  # [kernel_size, C]
+        y = full[:, :t] * taps[0]
+        for j in range(1, len(taps)):
+            y = y.addcmul_(full[:, j * self.dilation: j * self.dilation + t], taps[j])
+        return F.silu(y).view(b, t, g, d)
 
 
 class EngramLayer(nn.Module):
@@ -85,6 +87,8 @@ class EngramLayer(nn.Module):
         self.norm2 = nn.ModuleList(nn.RMSNorm(hidden_size, eps=_GATE_NORM_EPS) for _ in range(hc_mult))
         self.short_conv = ShortConv(hidden_size, cfg.kernel_size, cfg.max_ngram_size, hc_mult)
         self.last_gate: torch.Tensor | None = None
+        self.fused_proj: PackedLinear | None = None  # these two set by prepare_for_inference
+        self.key_scale: torch.Tensor | None = None
 
     def new_conv_state(self, batch_size: int, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> torch.Tensor:
@@ -101,26 +105,62 @@ class EngramLayer(nn.Module):
         conv_state: see ShortConv (updated in place). lengths [B]: valid tokens per row when the
         batch is right-padded to T (mixed prefill/decode); padded positions' outputs are garbage
         to be dropped, and they never enter conv_state."""
-        b, t, g, d = hidden_states.shape
-        if g != self.hc_mult or d != self.hidden_size:
-            raise ValueError(f"EngramLayer {self.layer_id}: hidden_states must be [B, T, {self.hc_mult}, "
-                             f"{self.hidden_size}], got {tuple(hidden_states.shape)}")
+        b, t = hidden_states.shape[:2]
         expected = (b, t, self.cfg.heads_total, self.cfg.head_dim)
         if tuple(embeddings.shape) != expected:
             raise ValueError(f"EngramLayer {self.layer_id}: embeddings must be {list(expected)}, "
                              f"got {list(embeddings.shape)}")
-        emb = embeddings.flatten(start_dim=-2).to(hidden_states.dtype)
-        gates = []
-        for i in range(g):
-            key = self.norm1[i](self.key_projs[i](emb))
-            query = self.norm2[i](hidden_states[:, :, i])
-            score = (key * query).sum(dim=-1) / math.sqrt(d)
-            # Signed square root tames large dot products before the sigmoid (reference).
-            score = score.abs().clamp_min(1e-6).sqrt() * score.sign()
-            gates.append(score.sigmoid())
-        gate = torch.stack(gates, dim=2)  # [B, T, hc]
+        return self.mix(hidden_states, self.memory(embeddings), conv_state, lengths)
+
+    def prepare_for_inference(self, dtype: torch.dtype) -> None:
+        """Fuse the key and value projections into one prepacked matmul in `dtype` (the
+        backbone's), which memory() then uses: one oneDNN call instead of hc + 1 addmms. For
+        one 1024 -> 1152 projection at batch 16 that is 0.13 ms in bfloat16 against 0.64 ms for
+        F.linear in float32. The parameters stay as they are; call again after changing them."""
+        projs = [*self.key_projs, self.value_proj]
+        self.fused_proj = PackedLinear(torch.cat([p.weight for p in projs]).to(dtype),
+                                       bias=torch.cat([p.bias for p in projs]))
+        self.key_scale = self._key_scale()
+
+    def _key_scale(self) -> torch.Tensor:
+        """[hc, D]: norm1's and norm2's weights and 1/sqrt(D), folded into the normalised keys."""
+        weights = [n1.weight * n2.weight for n1, n2 in zip(self.norm1, self.norm2)]
+        return torch.stack(weights) / math.sqrt(self.hidden_size)
+
+    def memory(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The half of the layer that depends on the gathered rows alone: [..., heads_total,
+        head_dim] -> [..., hc + 1, D], per branch the normalised key, then the value. Row ids are
+        known before the forward starts, so the prefetcher computes this off the critical path.
+
+        Each key comes pre-multiplied by its gate norm's weight and 1/sqrt(D), which leaves mix()
+        one plain RMS normalisation of the hidden state and one dot product per branch."""
+        g, d = self.hc_mult, self.hidden_size
+        emb = embeddings.flatten(start_dim=-2)
+        dtype = self.value_proj.weight.dtype
+        if self.fused_proj is not None:
+            kv, scale = self.fused_proj(emb).to(dtype).unflatten(-1, (g + 1, d)), self.key_scale
+        else:
+            emb = emb.to(dtype)
+            kv = torch.stack([proj(emb) for proj in (*self.key_projs, self.value_proj)], dim=-2)
+            scale = self._key_scale()
+        keys = F.rms_norm(kv[..., :g, :], (d,), eps=_GATE_NORM_EPS) * scale  # [..., hc, D]
+        return torch.cat([keys, kv[..., g:, :]], dim=-2)
+
+    def mix(self, hidden_states: torch.Tensor, memory: torch.Tensor,
+            conv_state: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The half that needs the hidden state: gate the memory's value by how well its keys
+        match the hidden state, then the short conv. memory: memory()'s [B, T, hc + 1, D]; the
+        other arguments as forward()."""
+        b, t, g, d = hidden_states.shape
+        if g != self.hc_mult or d != self.hidden_size:
+            raise ValueError(f"EngramLayer {self.layer_id}: hidden_states must be [B, T, {self.hc_mult}, "
+                             f"{self.hidden_size}], got {tuple(hidden_states.shape)}")
+        query = F.rms_norm(hidden_states, (d,), eps=_GATE_NORM_EPS)  # its weight is in the keys
+        score = (memory[:, :, :g] * query).sum(dim=-1)  # [B, T, hc]
+        # Signed square root tames large dot products before the sigmoid (reference).
+        gate = (score.abs().clamp_min(1e-6).sqrt() * score.sign()).sigmoid()
         self.last_gate = gate.detach()
-        value = gate.unsqueeze(-1) * self.value_proj(emb).unsqueeze(2)  # [B, T, hc, D]
+        value = gate.unsqueeze(-1) * memory[:, :, g:]  # [B, T, hc, D]
         return value + self.short_conv(value, conv_state, lengths)
 
     def load_reference_state_dict(self, sd: dict[str, torch.Tensor]) -> None:

@@ -24,21 +24,24 @@ from offload.store import TableSet
 class EngramStepHook:
     """Called by the decoder blocks as `engram(layer_id, hidden [B, T, D]) -> [B, T, D]`."""
 
-    def __init__(self, runtime: "EngramRuntime", ticket: Ticket, slots: torch.Tensor, lengths: torch.Tensor):
-        self.runtime, self.ticket, self.slots, self.lengths = runtime, ticket, slots, lengths
+    def __init__(self, runtime: "EngramRuntime", ticket: Ticket, rows: list[Row]):
+        self.runtime, self.ticket = runtime, ticket
+        self.slots = torch.tensor([r.slot for r in rows])
+        lengths = [len(r.token_ids) for r in rows]
+        padded = min(lengths) != max(lengths)  # right-padded rows: the conv state needs their lengths
+        self.lengths = torch.tensor(lengths) if padded else None
+        self._newest = (torch.arange(len(rows)), self.lengths - 1) if padded else (slice(None), -1)
         self._gates: dict[int, list[float]] = {}
 
     def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
         B, T, D = hidden.shape
         layer = self.runtime.layers[layer_id]
-        emb = self.ticket.wait(layer_id).view(B, T, layer.cfg.heads_total, layer.cfg.head_dim)
+        memory = self.ticket.wait(layer_id)  # the rows' keys and value, computed by the prefetcher
         states = self.runtime.conv_states[layer_id]
         state = states[self.slots]  # gathered copy, written back below
-        padded = bool((self.lengths != T).any())
-        out = layer(hidden.unsqueeze(2), emb, state, self.lengths if padded else None)  # float32, as the layer
+        out = layer.mix(hidden.unsqueeze(2), memory.view(B, T, *memory.shape[1:]), state, self.lengths)
         states[self.slots] = state
-        last = layer.last_gate.mean(dim=-1)[torch.arange(B), self.lengths - 1]  # gate at each row's newest token
-        self._gates[layer_id] = last.float().tolist()
+        self._gates[layer_id] = layer.last_gate[self._newest].mean(dim=-1).tolist()  # each row's newest token
         return out.squeeze(2)
 
     def gates(self, row: int) -> dict[int, float]:
@@ -47,8 +50,11 @@ class EngramStepHook:
 
 class EngramRuntime:
     def __init__(self, layers: dict[int, EngramLayer], hasher: NgramHasher, tables: TableSet,
-                 prefetcher: Prefetcher, runner: ModelRunner):
-        self.layers, self.hasher, self.tables, self.prefetcher = layers, hasher, tables, prefetcher
+                 head_offsets: dict[int, np.ndarray], runner: ModelRunner, prefetch: bool = True):
+        self.layers, self.hasher, self.tables = layers, hasher, tables
+        for layer in layers.values():
+            layer.prepare_for_inference(runner.dtype)
+        self.prefetcher = Prefetcher(tables, head_offsets, enabled=prefetch, transform=self._memory)
         self.layer_ids = sorted(layers)
         self.table_stats = tables.stats
         self.ngram = hasher.cfg.max_ngram_size
@@ -72,11 +78,15 @@ class EngramRuntime:
         hasher = NgramHasher(ckpt.config, CompressedTokenizer.from_tokenizer(tokenizer))
         tables = TableSet.open(ckpt.path, ckpt.tables_manifest, placement=config.table_placement, device="cpu",
                                compute_dtype=runner.dtype, cache_rows=config.cache_rows, verify_hash=False)
-        prefetcher = Prefetcher(tables, ckpt.head_offsets, enabled=config.prefetch)
         # float32 whatever the backbone's dtype: the layer is a few small ops on the float32
         # residual stream, and torch's bfloat16 addmm on CPU re-lays-out the weight per call
         # (its 4 projections took 0.8 ms of a 30 ms batch-1 step in bfloat16)
-        return cls(ckpt.build_layers(dtype=torch.float32), hasher, tables, prefetcher, runner)
+        return cls(ckpt.build_layers(dtype=torch.float32), hasher, tables, ckpt.head_offsets, runner, config.prefetch)
+
+    @torch.no_grad()  # runs on the prefetch worker, whose thread starts with autograd on
+    def _memory(self, layer_id: int, rows: torch.Tensor) -> torch.Tensor:
+        """The prefetcher's transform: the layer's token-only half (EngramLayer.memory) of its rows."""
+        return self.layers[layer_id].memory(rows)
 
     def step_rows(self, token_ids: list[list[int]], rows: list[Row]) -> dict[int, np.ndarray]:
         """Row ids [B*T, heads_total] per layer for the (right-padded) batch of `rows`;
@@ -95,11 +105,11 @@ class EngramRuntime:
     def step_hook(self, token_ids: list[list[int]], rows: list[Row]) -> EngramStepHook:
         """Hash and submit this forward's rows now; the returned hook is the model's `engram`."""
         ticket = self.prefetcher.submit(self.step_rows(token_ids, rows))
-        slots = torch.tensor([r.slot for r in rows])
         fresh = [r.slot for r in rows if r.start_pos == 0]
-        for states in self.conv_states.values():
-            states[fresh] = 0  # a new sequence in a reused slot starts with an empty conv state
-        return EngramStepHook(self, ticket, slots, torch.tensor([len(r.token_ids) for r in rows]))
+        if fresh:
+            for states in self.conv_states.values():
+                states[fresh] = 0  # a new sequence in a reused slot starts with an empty conv state
+        return EngramStepHook(self, ticket, rows)
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -11,6 +11,10 @@ writes new memory), the staging buffers are a ring of two per table guarded by e
 row ids are copied at submit, so neither a later step nor a caller reusing its arrays can
 change what an earlier ticket returns, whatever sequences join or leave the batch.
 
+``transform(layer_id, rows)``, when given, runs on the worker right after a layer's gather and
+its result is what ``wait()`` returns: the Engram layer's token-only half (key and value
+projections of the rows) is computed there, off the forward's critical path.
+
 With ``enabled=False`` nothing runs in the background: ``wait(layer)`` gathers inline, which is
 the "--no-prefetch" comparison. Errors raised while gathering (a vanished mmap file, a bad row
 id) are kept in the ticket and re-raised by ``wait()`` in the caller's thread as PrefetchError,
@@ -21,6 +25,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,13 +35,16 @@ from offload.store import TableSet
 
 _POLL_SECONDS = 1.0
 
+Transform = Callable[[int, torch.Tensor], torch.Tensor]
+
 
 class PrefetchError(RuntimeError):
     """Gathering one layer's rows failed; the message names the layer and the original error."""
 
 
 class Ticket:
-    """One step's rows in flight: ``wait(layer_id) -> [num_tokens, heads_total, head_dim]``."""
+    """One step's rows in flight: ``wait(layer_id) -> [num_tokens, heads_total, head_dim]``
+    (or what the prefetcher's transform made of them)."""
 
     def __init__(self, prefetcher: "Prefetcher", rows: dict[int, np.ndarray]):
         self._prefetcher = prefetcher
@@ -53,8 +61,9 @@ class Ticket:
         """Run by the worker (or inline when prefetch is off); never raises."""
         rows = self._rows[layer_id]
         try:
-            out = self._prefetcher.tables[layer_id].gather(rows)
-            self._results[layer_id] = out.view(*rows.shape, -1)
+            prefetcher = self._prefetcher
+            out = prefetcher.tables[layer_id].gather(rows).view(*rows.shape, -1)
+            self._results[layer_id] = out if prefetcher.transform is None else prefetcher.transform(layer_id, out)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by wait()
             self._errors[layer_id] = exc
         finally:
@@ -84,8 +93,9 @@ class Ticket:
 class Prefetcher:
     """Background gathers of Engram rows, one ticket per engine step."""
 
-    def __init__(self, tables: TableSet, head_offsets: dict[int, np.ndarray], enabled: bool = True):
-        self.tables, self.enabled = tables, enabled
+    def __init__(self, tables: TableSet, head_offsets: dict[int, np.ndarray], enabled: bool = True,
+                 transform: Transform | None = None):
+        self.tables, self.enabled, self.transform = tables, enabled, transform
         self.head_offsets = {int(k): np.asarray(v, dtype=np.int64) for k, v in head_offsets.items()}
         missing = set(self.head_offsets) - set(tables.layer_ids)
         if missing:

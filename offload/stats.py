@@ -17,6 +17,7 @@ import numpy as np
 
 Observer = Callable[[str, int, float], None]
 _WINDOW = 4096
+_TOUCH_BATCH = 256
 
 
 @dataclass
@@ -27,7 +28,7 @@ class LayerStats:
     table_bytes: dict[str, int] = field(default_factory=dict)  # placement -> bytes ("cache" included)
     lookups: int = 0
     cache_hits: int = 0
-    rows_gathered: int = 0      # rows read from the table's own tier (cache misses, deduplicated)
+    rows_gathered: int = 0      # rows read from the table's own tier (see EngramTable.gather)
     bytes_gathered: int = 0
     gathers: int = 0
     gather_seconds_total: float = 0.0
@@ -37,9 +38,15 @@ class LayerStats:
     touched_bits: np.ndarray = field(init=False, repr=False)
     recent_gather: deque = field(default_factory=lambda: deque(maxlen=_WINDOW), repr=False)
     recent_wait: deque = field(default_factory=lambda: deque(maxlen=_WINDOW), repr=False)
+    untouched: list = field(default_factory=list, repr=False)  # gathered row arrays not yet in touched_bits
 
     def __post_init__(self) -> None:
         self.touched_bits = np.zeros((self.num_rows + 7) // 8, dtype=np.uint8)
+
+    def touch_pending(self) -> None:
+        if self.untouched:
+            self.touch(np.unique(np.concatenate(self.untouched)))
+            self.untouched.clear()
 
     def touch(self, unique_rows: np.ndarray) -> None:
         """Mark rows as used; `unique_rows` must be sorted and unique (np.unique's output), so
@@ -74,8 +81,11 @@ class TableStats:
         with self._lock:
             self._observers.append(fn)
 
-    def record_gather(self, layer_id: int, lookups: int, cache_hits: int, unique_rows: np.ndarray,
+    def record_gather(self, layer_id: int, lookups: int, cache_hits: int, rows: np.ndarray,
                       rows_gathered: int, bytes_gathered: int, seconds: float) -> None:
+        """rows: the row ids the gather touched, any order, repeats allowed. They are marked in the
+        utilisation bitmap in batches (at the next snapshot, or every _TOUCH_BATCH gathers), which
+        keeps a batch-1 gather's cost to a list append instead of a dozen numpy calls."""
         with self._lock:
             s = self._layers[layer_id]
             s.lookups += lookups
@@ -85,7 +95,9 @@ class TableStats:
             s.gathers += 1
             s.gather_seconds_total += seconds
             s.recent_gather.append(seconds)
-            s.touch(unique_rows)
+            s.untouched.append(rows)
+            if len(s.untouched) >= _TOUCH_BATCH:
+                s.touch_pending()
             observers = list(self._observers)
         for fn in observers:
             fn("gather", layer_id, seconds)
@@ -103,6 +115,8 @@ class TableStats:
     def snapshot(self) -> dict:
         """{layer_id: {...counters, rows_touched_ratio, table_bytes, gather/wait p50/p99}} (a copy)."""
         with self._lock:
+            for s in self._layers.values():
+                s.touch_pending()
             return {layer_id: {
                 "num_rows": s.num_rows,
                 "table_bytes": dict(s.table_bytes),

@@ -7,11 +7,13 @@
   MADV_RANDOM so a 128-byte row does not pull in readahead), so a table larger than RAM is served
   through the page cache. A DRAM row cache usually sits in front of it.
 
-A gather deduplicates and sorts the step's rows (``np.unique``: sorted unique rows make the mmap
-tier read in file order, and each row is read once however many tokens share it), serves cache
-hits from the cache, reads the misses from the tier into a staging buffer with one
-``index_select`` / ``numpy.take`` (no per-row Python), moves them to the compute device, expands
-back to the requested order and dequantises there. Raw rows cross the slow link, not float32.
+A gather in front of mmap or a cache deduplicates and sorts the step's rows (``np.unique``: sorted
+unique rows make the mmap tier read in file order, and each row is read once however many tokens
+share it), serves cache hits from the cache, reads the misses from the tier into a staging buffer
+with one ``index_select`` / ``numpy.take`` (no per-row Python), moves them to the compute device,
+expands back to the requested order and dequantises there. Raw rows cross the slow link, not
+float32. A table wholly in memory without a cache skips the deduplication: its rows are read as
+requested, repeats included (``rows_gathered`` counts them), in a handful of numpy calls.
 """
 from __future__ import annotations
 
@@ -163,35 +165,47 @@ class EngramTable:
 
     def gather(self, row_ids: np.ndarray) -> torch.Tensor:
         """GLOBAL row ids (any shape) -> [n, head_dim] in compute dtype on the compute device."""
-        rows = np.ascontiguousarray(row_ids, dtype=np.int64).reshape(-1)
+        rows = np.array(row_ids, dtype=np.int64).reshape(-1)  # our own copy: stats keep it a while
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise IndexError(f"layer {self.layer_id}: row ids must be in [0, {self.num_rows}) for table "
                              f"{self.header.path}, got [{rows.min()}, {rows.max()}]")
         with self._lock:
             t0 = time.perf_counter()
-            unique, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
-            if self.cache is None:
-                slot, raw = self._read_tier(unique)
-                hits, missed = 0, unique
+            if self.cache is None and self.placement != "mmap":
+                # DRAM copies a repeated row as fast as np.unique finds it, and a batch-1 step
+                # spends more time in each numpy call than in the copy: read the rows as given
+                slot, raw = self._read_tier(rows)
+                out = self.dtype.decode(raw, self.compute_dtype)
+                hits, touched, missed = 0, rows, rows
             else:
-                hit, cache_slots = self.cache.lookup(unique, counts)
-                missed = unique[~hit]
-                slot, miss_raw = self._read_tier(missed)
-                raw = torch.empty((len(unique), self.header.raw_row_elems), dtype=self.dtype.torch_raw,
-                                  device=self.device.torch_device)
-                put_rows(raw, np.flatnonzero(~hit), miss_raw)
-                put_rows(raw, np.flatnonzero(hit), take_rows(self.cache.data, cache_slots[hit]))
-                self.cache.admit(missed, miss_raw)
-                hits = int(counts[hit].sum())
-            out = self.dtype.decode(take_rows(raw, inverse), self.compute_dtype)
+                slot, out, hits, touched, missed = self._gather_unique(rows)
             if slot is not None:
                 event = self._staging_events[slot] = self.device.event()
                 event.record()
             seconds = time.perf_counter() - t0
-        self.stats.record_gather(self.layer_id, lookups=int(rows.size), cache_hits=hits, unique_rows=unique,
+        self.stats.record_gather(self.layer_id, lookups=int(rows.size), cache_hits=hits, rows=touched,
                                  rows_gathered=len(missed), bytes_gathered=len(missed) * self.header.row_bytes,
                                  seconds=seconds)
         return out
+
+    def _gather_unique(self, rows: np.ndarray) -> tuple[int | None, torch.Tensor, int, np.ndarray, np.ndarray]:
+        """Deduplicated gather (mmap reads each row once, in file order; the cache counts hits per
+        row): (staging slot, rows in compute dtype, cache hits, unique rows, rows read from the tier)."""
+        unique, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+        if self.cache is None:
+            slot, raw = self._read_tier(unique)
+            hits, missed = 0, unique
+        else:
+            hit, cache_slots = self.cache.lookup(unique, counts)
+            missed = unique[~hit]
+            slot, miss_raw = self._read_tier(missed)
+            raw = torch.empty((len(unique), self.header.raw_row_elems), dtype=self.dtype.torch_raw,
+                              device=self.device.torch_device)
+            put_rows(raw, np.flatnonzero(~hit), miss_raw)
+            put_rows(raw, np.flatnonzero(hit), take_rows(self.cache.data, cache_slots[hit]))
+            self.cache.admit(missed, miss_raw)
+            hits = int(counts[hit].sum())
+        return slot, self.dtype.decode(take_rows(raw, inverse), self.compute_dtype), hits, unique, missed
 
     def close(self) -> None:
         if self._fd is not None:

@@ -96,7 +96,8 @@ class _ScrapeTimeCollector(Collector):
             "cache_hits": CounterMetricFamily("engram_cache_hits", "Lookups served by the hot-row cache; "
                                               "hit rate = rate(hits) / rate(lookups).", labels=["layer"]),
             "rows_gathered": CounterMetricFamily("engram_gather_rows", "Rows read from the table's own tier "
-                                                 "(cache misses, deduplicated per step).", labels=["layer"]),
+                                                 "(cache misses; deduplicated per step in front of mmap or a "
+                                                 "cache).", labels=["layer"]),
             "bytes_gathered": CounterMetricFamily("engram_gather_bytes", "Bytes read from the table's own tier.",
                                                   labels=["layer"]),
         }

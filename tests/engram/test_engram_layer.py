@@ -137,3 +137,16 @@ def test_config_round_trip_and_validation():
         EngramConfig(engram_vocab_size=[100])
     with pytest.raises(ValueError, match="divisible"):
         EngramConfig(engram_vocab_size=[100, 100], n_embed_per_ngram=100, n_head_per_ngram=8)
+
+
+@torch.no_grad()
+def test_prepared_layer_fuses_projections_with_the_same_output(golden):
+    """prepare_for_inference packs key and value projections into one matmul: float32 gives the
+    reference output, bfloat16 (the backbone's dtype when it runs in bfloat16) stays close."""
+    layer, hidden, emb, expected = golden
+    layer.prepare_for_inference(torch.float32)
+    assert (layer(hidden, emb) - expected).abs().max().item() <= 1e-5
+    layer.prepare_for_inference(torch.bfloat16)
+    assert layer.fused_proj.weight.dtype == torch.bfloat16
+    assert (layer(hidden, emb) - expected).abs().max().item() <= 0.02 * expected.abs().max().item()  # 1.1% measured
+    layer.fused_proj = layer.key_scale = None  # the module-scoped fixture is shared

@@ -14,7 +14,6 @@ from engram_runtime.engram_state import EngramRuntime
 from engram_runtime.hashing import NgramHasher
 from engram_runtime.model_runner import ModelRunner, Row
 from offload.convert import convert_checkpoint
-from offload.prefetch import Prefetcher
 from offload.store import TableSet
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon a time there"]
@@ -56,8 +55,7 @@ def greedy(model, dtype, placement, prefetch, cache_rows=0, joins=(0, 0, 0), new
     ckpt = load_checkpoint(model["root"] / dtype)
     tables = TableSet.open(ckpt.path, ckpt.tables_manifest, placement=placement, cache_rows=cache_rows,
                            progress=False)
-    runtime = EngramRuntime(model["layers"], model["hasher"], tables,
-                            Prefetcher(tables, ckpt.head_offsets, enabled=prefetch), model["runner"])
+    runtime = EngramRuntime(model["layers"], model["hasher"], tables, ckpt.head_offsets, model["runner"], prefetch)
     seqs = [i for i in range(len(model["prompts"])) if only is None or i in only]
     ids = {i: list(model["prompts"][i]) for i in seqs}
     out = {i: ([], []) for i in seqs}

@@ -14,7 +14,7 @@ def test_bitmap_counts_each_row_once():
     for _ in range(50):
         rows = np.unique(rng.integers(0, 1000, 40))
         touched.update(rows.tolist())
-        stats.record_gather(3, lookups=40, cache_hits=0, unique_rows=rows, rows_gathered=len(rows),
+        stats.record_gather(3, lookups=40, cache_hits=0, rows=rows, rows_gathered=len(rows),
                             bytes_gathered=0, seconds=0.001)
     snap = stats.snapshot()[3]
     assert snap["rows_touched"] == len(touched)
