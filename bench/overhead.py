@@ -158,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = goals(cmp["runs"])
         throughput_ratio_plot(cmp, cfg.out_dir / f"{cfg.name}_c{c}_throughput.png")
         latency_plot(cmp, cfg.out_dir / f"{cfg.name}_c{c}_latency.png")
-        # per-request lists stay out of the committed JSON; the plots carry them
+        # per-request lists stay out of the committed JSON (the plots carry them), but for the
+        # error messages of failed requests
+        failures = [{"variant": name, "round": i, "errors": [e for e in run["errors"] if e]}
+                    for name, runs in cmp["runs"].items() for i, run in enumerate(runs) if any(run["errors"])]
         report["by_concurrency"][str(c)] = {"goals": rows, "summary": cmp["summary"],
-                                            "variants": cmp["variants"]}
+                                            "variants": cmp["variants"], "failures": failures}
         md += [f"## Concurrency {c}", "", goals_markdown(c, rows), compare_markdown(cmp),
                f"![throughput]({cfg.name}_c{c}_throughput.png) ![latency]({cfg.name}_c{c}_latency.png)", ""]
         print(goals_markdown(c, rows))
