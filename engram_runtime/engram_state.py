@@ -2,10 +2,12 @@
 
 Per step the engine hands over the rows it is about to run; we hash each row's
 new tokens (with its N-1 previous tokens as context, so chunked prefill and
-decode hash exactly like one pass over the sequence), submit the row ids to the
-prefetcher at once, and return the hook the decoder blocks call at the Engram
-layers: it waits for that layer's rows, runs the EngramLayer with the batch's
-conv states (kept per KV slot) and records the gates.
+decode hash exactly like one pass over the sequence) and submit the row ids to
+the prefetcher at once. Its worker gathers each layer's rows and computes the
+layer's token-only half from them (EngramLayer.memory: the key and value
+projections). The hook returned to the decoder blocks waits for that result at
+the Engram layer, runs the half that needs the hidden state (EngramLayer.mix)
+with the batch's conv states (kept per KV slot) and records the gates.
 """
 from __future__ import annotations
 
@@ -78,9 +80,9 @@ class EngramRuntime:
         hasher = NgramHasher(ckpt.config, CompressedTokenizer.from_tokenizer(tokenizer))
         tables = TableSet.open(ckpt.path, ckpt.tables_manifest, placement=config.table_placement, device="cpu",
                                compute_dtype=runner.dtype, cache_rows=config.cache_rows, verify_hash=False)
-        # float32 whatever the backbone's dtype: the layer is a few small ops on the float32
-        # residual stream, and torch's bfloat16 addmm on CPU re-lays-out the weight per call
-        # (its 4 projections took 0.8 ms of a 30 ms batch-1 step in bfloat16)
+        # Parameters in float32 whatever the backbone's dtype: mix() is a few small ops on the
+        # float32 residual stream. The projections, the layer's only matmuls, run prepacked in the
+        # backbone's dtype (see EngramLayer.prepare_for_inference).
         return cls(ckpt.build_layers(dtype=torch.float32), hasher, tables, ckpt.head_offsets, runner, config.prefetch)
 
     @torch.no_grad()  # runs on the prefetch worker, whose thread starts with autograd on

@@ -92,3 +92,28 @@ def test_wait_time_recorded_and_bad_requests_rejected(ckpt_factory):
     prefetcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         prefetcher.submit({1: np.zeros((1, 4), np.int64)})
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_transform_runs_where_the_gather_runs_and_its_errors_surface_in_wait(ckpt_factory, enabled):
+    """The Engram layer's token-only half rides on the prefetcher: wait() returns the transform's
+    result, computed on the worker (inline without prefetch); a failing transform is a PrefetchError."""
+    ckpt = ckpt_factory(row_id_values=True)
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement="host", progress=False)
+    ran_on = []
+
+    def transform(layer_id: int, rows: torch.Tensor) -> torch.Tensor:
+        ran_on.append(threading.current_thread().name)
+        if layer_id == 15:
+            raise ValueError("projection failed")
+        return rows[..., 0].sum(dim=-1)  # [num_tokens]
+
+    rows = {1: np.arange(8, dtype=np.int64).reshape(2, 4), 15: np.zeros((2, 4), np.int64)}
+    with Prefetcher(tables, ckpt.head_offsets, enabled=enabled, transform=transform) as prefetcher:
+        ticket = prefetcher.submit(rows)
+        expected = (rows[1] + ckpt.head_offsets[1]).sum(axis=1).astype(np.float32)
+        assert torch.equal(ticket.wait(1), torch.from_numpy(expected))
+        with pytest.raises(PrefetchError, match="layer 15.*ValueError: projection failed"):
+            ticket.wait(15)
+        assert prefetcher.worker_alive == enabled
+    assert ran_on == ["engram-prefetch" if enabled else "MainThread"] * 2
