@@ -8,10 +8,11 @@ its own process, and a second benchmark running alongside would void them.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
-BENCHMARKS = ("hashing", "generate", "offload", "overhead", "train")
+from bench import load_before_run
+
+BENCHMARKS = ("hashing", "generate", "offload", "engram_step", "overhead", "train")
 
 
 def main(argv: list[str]) -> int:
@@ -20,9 +21,7 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)
         return 2
-    load1 = os.getloadavg()[0]
-    if load1 > 1.0:
-        print(f"warning: load average {load1:.1f}; figures taken on a busy machine are void", file=sys.stderr)
+    load_before_run()
     for name in names:
         print(f"=== bench.{name} ===", flush=True)
         importlib.import_module(f"bench.{name}").main([])

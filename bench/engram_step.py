@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench import load_before_run
 from engram_runtime.engine import EngineConfig, LLMEngine
 from engram_runtime.sampling import SamplingParams
 from engram_runtime.weights import load_model
@@ -87,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "engram_step.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
-    if load > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f}: figures taken now are not valid results", file=sys.stderr)
+    load = load_before_run()
     ckpt = create_checkpoint(args.ckpt_dir, vocab_for_table_gb(args.table_gb), "bfloat16")
     loaded = load_model(None)
     rows = []

@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench import load_before_run
 from loadtest.checkpoints import create_checkpoint, vocab_for_table_gb
 from loadtest.compare import CompareConfig, Variant, paired_ratio, run_compare
 from harness.process import engram_serve_cmd
@@ -132,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.ckpt_dir = Path(args.ckpt_dir)
     cfg.server_args = args.server_args.split()
 
-    load = os.getloadavg()[0]
-    if load > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: this machine is busy, "
-              "figures taken now are not valid results", file=sys.stderr)
+    load = load_before_run()
     report: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
                     "machine": {"cpus": os.cpu_count(), "loadavg_1min_at_start": load},
                     "by_concurrency": {}}
