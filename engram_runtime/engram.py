@@ -39,6 +39,17 @@ class ShortConv(nn.Module):
         # padding=0: causality comes from the explicit left context (zeros or state) in forward.
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
         self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=_CONV_NORM_EPS) for _ in range(hc_mult))
+        self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # weights(), kept by freeze()
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The branch norms' weights [hc, D] and the conv taps [kernel_size, hc*D], in the layouts
+        forward() uses."""
+        return torch.stack([norm.weight for norm in self.norms]), self.conv.weight[:, 0, :].t()
+
+    def freeze(self) -> None:
+        """Keep weights() for inference, where re-deriving them is a few more ops per decode step;
+        call again after changing the parameters."""
+        self.frozen = tuple(w.detach().contiguous() for w in self.weights())
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,8 +58,8 @@ class ShortConv(nn.Module):
         lengths [B] (optional): valid positions per row of a right-padded batch; each row's new
         state then ends at its last valid position instead of at the padding."""
         b, t, g, d = x.shape
-        weight = torch.stack([norm.weight for norm in self.norms])  # [hc, D]: one op for every branch
-        normed = (F.rms_norm(x, (d,), eps=_CONV_NORM_EPS) * weight).flatten(2)  # [B, T, hc*D]
+        weight, taps = self.frozen or self.weights()
+        normed = (F.rms_norm(x, (d,), eps=_CONV_NORM_EPS) * weight).flatten(2)  # [B, T, hc*D]: every branch at once
         if state is None:
             left = normed.new_zeros(b, self.context, g * d)
         else:
@@ -63,7 +74,7 @@ class ShortConv(nn.Module):
             state.copy_(full.gather(1, idx[:, :, None].expand(-1, -1, g * d)))
         # Depthwise conv as kernel_size shifted multiply-adds in channels-last layout: the same sum
         # as Conv1d, without transposes, and several times faster than mkldnn for decode's T=1.
-        taps = self.conv.weight[:, 0, :].t().to(normed.dtype)  # [kernel_size, C]
+        taps = taps.to(normed.dtype)
         y = full[:, :t] * taps[0]
         for j in range(1, len(taps)):
             y = y.addcmul_(full[:, j * self.dilation: j * self.dilation + t], taps[j])
@@ -87,7 +98,7 @@ class EngramLayer(nn.Module):
         self.norm2 = nn.ModuleList(nn.RMSNorm(hidden_size, eps=_GATE_NORM_EPS) for _ in range(hc_mult))
         self.short_conv = ShortConv(hidden_size, cfg.kernel_size, cfg.max_ngram_size, hc_mult)
         self.last_gate: torch.Tensor | None = None
-        self.fused_proj: PackedLinear | None = None  # these two set by prepare_for_inference
+        self.fused_proj: PackedLinear | None = None  # these two (and short_conv.frozen) set by prepare_for_inference
         self.key_scale: torch.Tensor | None = None
 
     def new_conv_state(self, batch_size: int, dtype: torch.dtype | None = None,
@@ -116,11 +127,13 @@ class EngramLayer(nn.Module):
         """Fuse the key and value projections into one prepacked matmul in `dtype` (the
         backbone's), which memory() then uses: one oneDNN call instead of hc + 1 addmms. For
         one 1024 -> 1152 projection at batch 16 that is 0.13 ms in bfloat16 against 0.64 ms for
-        F.linear in float32. The parameters stay as they are; call again after changing them."""
+        F.linear in float32. The key scale and the conv's weights are kept in their final form
+        too. The parameters stay as they are; call again after changing them."""
         projs = [*self.key_projs, self.value_proj]
         self.fused_proj = PackedLinear(torch.cat([p.weight for p in projs]).to(dtype),
                                        bias=torch.cat([p.bias for p in projs]))
         self.key_scale = self._key_scale()
+        self.short_conv.freeze()
 
     def _key_scale(self) -> torch.Tensor:
         """[hc, D]: norm1's and norm2's weights and 1/sqrt(D), folded into the normalised keys."""

@@ -149,4 +149,4 @@ def test_prepared_layer_fuses_projections_with_the_same_output(golden):
     layer.prepare_for_inference(torch.bfloat16)
     assert layer.fused_proj.weight.dtype == torch.bfloat16
     assert (layer(hidden, emb) - expected).abs().max().item() <= 0.02 * expected.abs().max().item()  # 1.1% measured
-    layer.fused_proj = layer.key_scale = None  # the module-scoped fixture is shared
+    layer.fused_proj = layer.key_scale = layer.short_conv.frozen = None  # the module-scoped fixture is shared
