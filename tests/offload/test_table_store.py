@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from offload.prefetch import Prefetcher
+from offload import store
 from offload.store import TableSet
 
 CONFIGS = [("device", 0), ("host", 0), ("host", 50), ("mmap", 0), ("mmap", 50)]
@@ -72,11 +73,19 @@ def test_out_of_range_rows_and_bad_placement(ckpt_factory):
         TableSet.open(ckpt.path, ckpt.tables, placement="disk")
 
 
-def test_large_mmap_gathers_read_in_parallel_chunks_and_match(ckpt_factory):
+@pytest.mark.parametrize("cold", [True, False])
+def test_mmap_gathers_use_the_readers_only_when_the_probe_row_came_from_disk(ckpt_factory, monkeypatch, cold):
     ckpt = ckpt_factory(dtype="bfloat16")
-    rows = np.random.default_rng(3).integers(0, 508, 3000)  # above the parallel threshold
+    rows = np.random.default_rng(3).integers(0, 508, 3000)
+    # The test's file is in the page cache: a threshold of 0 s makes every probe look like a disk read.
+    monkeypatch.setattr(store, "_COLD_READ_SECONDS", 0.0 if cold else 1.0)
     mapped = TableSet.open(ckpt.path, ckpt.tables, placement="mmap", progress=False)
     host = TableSet.open(ckpt.path, ckpt.tables, placement="host", progress=False)
+    chunks = []
+    submit = mapped[15]._readers.submit
+    monkeypatch.setattr(mapped[15]._readers, "submit", lambda fn, *a: chunks.append(len(a[1])) or submit(fn, *a))
     assert torch.equal(mapped[15].gather(rows), host[15].gather(rows))
+    unique = len(np.unique(rows))
+    assert (len(chunks), sum(chunks)) == ((store._MMAP_READ_THREADS, unique - 1) if cold else (0, 0))
     assert torch.equal(mapped[15].gather(rows[:5]), ckpt.values[15].bfloat16()[rows[:5]].float())
     mapped.close()
