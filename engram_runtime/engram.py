@@ -22,12 +22,38 @@ _GATE_NORM_EPS = None
 _CONV_NORM_EPS = 1e-5
 
 
-class ShortConv(nn.Module):
-    """Per-branch RMSNorm, depthwise causal dilated Conv1d (no bias), SiLU.
+def _gated_conv(hidden: torch.Tensor, memory: torch.Tensor, left: torch.Tensor, norm_weight: torch.Tensor,
+                taps: torch.Tensor, dilation: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EngramLayer.mix's tensor math: the gate, then the short conv over the gated value.
 
-    With `state` ([B, (kernel_size-1)*dilation, hc*D], the previous positions' conv
-    inputs, zeros at sequence start) the conv continues where the last call stopped,
-    so decoding one token at a time reproduces a full-sequence forward.
+    hidden [B, T, hc, D]; memory [B, T, hc + 1, D] (EngramLayer.memory); left [B, context, hc*D],
+    the conv inputs of the previous positions; norm_weight [hc, D] and taps [kernel_size, hc*D]
+    from ShortConv.weights(). Returns the output [B, T, hc, D], the conv input with its left
+    context [B, context + T, hc*D] (the next state is its tail) and the gate [B, T, hc]."""
+    b, t, g, d = hidden.shape
+    query = F.rms_norm(hidden, (d,), eps=_GATE_NORM_EPS)  # its weight is in the keys
+    score = (memory[:, :, :g] * query).sum(dim=-1)  # [B, T, hc]
+    # Signed square root tames large dot products before the sigmoid (reference).
+    gate = (score.abs().clamp_min(1e-6).sqrt() * score.sign()).sigmoid()
+    value = gate.unsqueeze(-1) * memory[:, :, g:]  # [B, T, hc, D]
+    normed = (F.rms_norm(value, (d,), eps=_CONV_NORM_EPS) * norm_weight).flatten(2)  # every branch at once
+    full = torch.cat([left.to(normed.dtype), normed], dim=1)
+    # Depthwise causal conv as kernel_size shifted multiply-adds in channels-last layout: the same
+    # sum as Conv1d, without transposes, and several times faster than mkldnn for decode's T=1.
+    taps = taps.to(normed.dtype)
+    y = full[:, :t] * taps[0]
+    for j in range(1, len(taps)):
+        y = y.addcmul_(full[:, j * dilation: j * dilation + t], taps[j])
+    return value + F.silu(y).view(b, t, g, d), full, gate
+
+
+class ShortConv(nn.Module):
+    """The short conv's parameters (per-branch RMSNorm, depthwise causal dilated Conv1d without
+    bias, then SiLU; the math is in _gated_conv) and its state across calls.
+
+    The state ([B, (kernel_size-1)*dilation, hc*D], the previous positions' conv inputs, zeros at
+    sequence start) lets the conv continue where the last call stopped, so decoding one token at a
+    time reproduces a full-sequence forward.
     """
 
     def __init__(self, hidden_size: int, kernel_size: int, dilation: int, hc_mult: int):
@@ -36,14 +62,14 @@ class ShortConv(nn.Module):
         self.dilation = dilation
         channels = hidden_size * hc_mult
         self.context = (kernel_size - 1) * dilation
-        # padding=0: causality comes from the explicit left context (zeros or state) in forward.
+        # padding=0: causality comes from the explicit left context (zeros or state).
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
         self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=_CONV_NORM_EPS) for _ in range(hc_mult))
         self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # weights(), kept by freeze()
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The branch norms' weights [hc, D] and the conv taps [kernel_size, hc*D], in the layouts
-        forward() uses."""
+        _gated_conv uses."""
         return torch.stack([norm.weight for norm in self.norms]), self.conv.weight[:, 0, :].t()
 
     def freeze(self) -> None:
@@ -51,34 +77,30 @@ class ShortConv(nn.Module):
         call again after changing the parameters."""
         self.frozen = tuple(w.detach().contiguous() for w in self.weights())
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, hc, D] -> [B, T, hc, D]; updates `state` in place when given.
-
-        lengths [B] (optional): valid positions per row of a right-padded batch; each row's new
-        state then ends at its last valid position instead of at the padding."""
-        b, t, g, d = x.shape
-        weight, taps = self.frozen or self.weights()
-        normed = (F.rms_norm(x, (d,), eps=_CONV_NORM_EPS) * weight).flatten(2)  # [B, T, hc*D]: every branch at once
+    def left_context(self, batch: int, channels: int, state: torch.Tensor | None,
+                     slots: torch.Tensor | None) -> torch.Tensor:
+        """The conv inputs before this call's first position: zeros, `state`, or its rows `slots`."""
         if state is None:
-            left = normed.new_zeros(b, self.context, g * d)
+            w = self.conv.weight
+            return w.new_zeros(batch, self.context, channels)
+        left = state if slots is None else state.index_select(0, slots)
+        if left.shape != (batch, self.context, channels):
+            raise ValueError(f"conv_state must have shape {(batch, self.context, channels)}, got {tuple(left.shape)}")
+        return left
+
+    def update_state(self, state: torch.Tensor, full: torch.Tensor, lengths: torch.Tensor | None,
+                     slots: torch.Tensor | None) -> None:
+        """Write the newest `context` conv inputs of `full` ([B, context + T, C]) into `state`;
+        with lengths [B], each row's newest valid ones (right-padded rows)."""
+        if lengths is None:
+            newest = full[:, -self.context:]
         else:
-            if state.shape != (b, self.context, g * d):
-                raise ValueError(f"conv_state must have shape {(b, self.context, g * d)}, got {tuple(state.shape)}")
-            left = state.to(normed.dtype)
-        full = torch.cat([left, normed], dim=1)  # [B, context + T, C]
-        if state is not None and lengths is None:
-            state.copy_(full[:, -self.context:])
-        elif state is not None:
             idx = lengths.to(full.device, torch.long)[:, None] + torch.arange(self.context, device=full.device)
-            state.copy_(full.gather(1, idx[:, :, None].expand(-1, -1, g * d)))
-        # Depthwise conv as kernel_size shifted multiply-adds in channels-last layout: the same sum
-        # as Conv1d, without transposes, and several times faster than mkldnn for decode's T=1.
-        taps = taps.to(normed.dtype)
-        y = full[:, :t] * taps[0]
-        for j in range(1, len(taps)):
-            y = y.addcmul_(full[:, j * self.dilation: j * self.dilation + t], taps[j])
-        return F.silu(y).view(b, t, g, d)
+            newest = full.gather(1, idx[:, :, None].expand(-1, -1, full.shape[-1]))
+        if slots is None:
+            state.copy_(newest)
+        else:
+            state.index_copy_(0, slots, newest.to(state.dtype))
 
 
 class EngramLayer(nn.Module):
@@ -159,22 +181,23 @@ class EngramLayer(nn.Module):
         keys = F.rms_norm(kv[..., :g, :], (d,), eps=_GATE_NORM_EPS) * scale  # [..., hc, D]
         return torch.cat([keys, kv[..., g:, :]], dim=-2)
 
-    def mix(self, hidden_states: torch.Tensor, memory: torch.Tensor,
-            conv_state: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def mix(self, hidden_states: torch.Tensor, memory: torch.Tensor, conv_state: torch.Tensor | None = None,
+            lengths: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         """The half that needs the hidden state: gate the memory's value by how well its keys
         match the hidden state, then the short conv. memory: memory()'s [B, T, hc + 1, D]; the
-        other arguments as forward()."""
+        other arguments as forward(), and slots [B]: conv_state is then the engine's per-slot
+        store [slots, context, hc*D], of which this batch's rows are `slots`."""
         b, t, g, d = hidden_states.shape
         if g != self.hc_mult or d != self.hidden_size:
             raise ValueError(f"EngramLayer {self.layer_id}: hidden_states must be [B, T, {self.hc_mult}, "
                              f"{self.hidden_size}], got {tuple(hidden_states.shape)}")
-        query = F.rms_norm(hidden_states, (d,), eps=_GATE_NORM_EPS)  # its weight is in the keys
-        score = (memory[:, :, :g] * query).sum(dim=-1)  # [B, T, hc]
-        # Signed square root tames large dot products before the sigmoid (reference).
-        gate = (score.abs().clamp_min(1e-6).sqrt() * score.sign()).sigmoid()
+        conv = self.short_conv
+        left = conv.left_context(b, g * d, conv_state, slots)
+        out, full, gate = _gated_conv(hidden_states, memory, left, *(conv.frozen or conv.weights()), conv.dilation)
+        if conv_state is not None:
+            conv.update_state(conv_state, full, lengths, slots)
         self.last_gate = gate.detach()
-        value = gate.unsqueeze(-1) * memory[:, :, g:]  # [B, T, hc, D]
-        return value + self.short_conv(value, conv_state, lengths)
+        return out
 
     def load_reference_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load a reference `Engram` state dict; its table ('multi_head_embedding.*') is skipped."""

@@ -33,21 +33,25 @@ class EngramStepHook:
         padded = min(lengths) != max(lengths)  # right-padded rows: the conv state needs their lengths
         self.lengths = torch.tensor(lengths) if padded else None
         self._newest = (torch.arange(len(rows)), self.lengths - 1) if padded else (slice(None), -1)
-        self._gates: dict[int, list[float]] = {}
+        self._gates: dict[int, torch.Tensor] = {}
+        self._gate_means: dict[int, list[float]] | None = None
 
     def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
         B, T, D = hidden.shape
         layer = self.runtime.layers[layer_id]
         memory = self.ticket.wait(layer_id)  # the rows' keys and value, computed by the prefetcher
-        states = self.runtime.conv_states[layer_id]
-        state = states[self.slots]  # gathered copy, written back below
-        out = layer.mix(hidden.unsqueeze(2), memory.view(B, T, *memory.shape[1:]), state, self.lengths)
-        states[self.slots] = state
-        self._gates[layer_id] = layer.last_gate[self._newest].mean(dim=-1).tolist()  # each row's newest token
+        out = layer.mix(hidden.unsqueeze(2), memory.view(B, T, *memory.shape[1:]),
+                        self.runtime.conv_states[layer_id], self.lengths, self.slots)
+        self._gates[layer_id] = layer.last_gate
         return out.squeeze(2)
 
     def gates(self, row: int) -> dict[int, float]:
-        return {lid: g[row] for lid, g in self._gates.items()}
+        """Each layer's mean gate over the branches for this row's newest token; the first call
+        reduces every layer and row at once."""
+        if self._gate_means is None:
+            newest = torch.stack(list(self._gates.values()))[(slice(None), *self._newest)]  # [L, B, hc]
+            self._gate_means = dict(zip(self._gates, newest.mean(dim=-1).tolist()))
+        return {lid: g[row] for lid, g in self._gate_means.items()}
 
 
 class EngramRuntime:
