@@ -15,8 +15,9 @@ Zipfian as in real use, which is what the row cache relies on, without replaying
 greedy text per prompt, which would flatter it; random-token prompts would defeat any
 cache).  Every variant gets the same prompts and token counts; sampled tokens differ,
 which changes no compute but the cache's and page cache's hits.
-The ``mmap`` variant reads through the page cache, which the variants before it in
-a round have warmed (issue 4's own benchmark measures a cold start).
+The ``mmap`` variant reads what its row cache misses through the page cache, which on
+this machine does not stay warm: the VM drops it within a minute (1.3 GB read, 0.5 GB
+still cached 45 s later, nothing else running), so most misses are disk reads.
 Run it on a quiet machine: a figure taken while others compute is void.
 Writes bench/results/overhead.json, overhead.md and PNG plots per concurrency.
 """
