@@ -81,8 +81,7 @@ class ShortConv(nn.Module):
                      slots: torch.Tensor | None) -> torch.Tensor:
         """The conv inputs before this call's first position: zeros, `state`, or its rows `slots`."""
         if state is None:
-            w = self.conv.weight
-            return w.new_zeros(batch, self.context, channels)
+            return self.conv.weight.new_zeros(batch, self.context, channels)
         left = state if slots is None else state.index_select(0, slots)
         if left.shape != (batch, self.context, channels):
             raise ValueError(f"conv_state must have shape {(batch, self.context, channels)}, got {tuple(left.shape)}")

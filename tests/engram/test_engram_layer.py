@@ -103,6 +103,26 @@ def test_right_padded_batch_with_lengths_keeps_each_rows_state():
         assert (out[b, 0] - full[b, n]).abs().max().item() <= 1e-5
 
 
+@torch.no_grad()
+def test_per_slot_conv_store_equals_one_state_per_sequence():
+    """mix() with the engine's per-slot store and a batch's slots reads and writes only those
+    slots, and each row continues exactly as with a state of its own."""
+    cfg = EngramConfig(engram_vocab_size=[11, 11], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1])
+    torch.manual_seed(2)
+    layer = EngramLayer(cfg, 1, hidden_size=24)
+    torch.nn.init.normal_(layer.value_proj.weight)
+    hidden = torch.randn(2, 6, 1, 24)
+    memory = layer.memory(torch.randn(2, 6, cfg.heads_total, cfg.head_dim))
+    store, own = layer.new_conv_state(4), [layer.new_conv_state(1) for _ in range(2)]
+    slots = torch.tensor([3, 1])
+    for t in range(6):
+        out = layer.mix(hidden[:, t:t + 1], memory[:, t:t + 1], store, slots=slots)
+        for b in range(2):
+            alone = layer.mix(hidden[b:b + 1, t:t + 1], memory[b:b + 1, t:t + 1], own[b])
+            assert (out[b:b + 1] - alone).abs().max().item() <= 1e-6
+    assert torch.allclose(store[slots], torch.cat(own), atol=1e-6) and store[[0, 2]].abs().sum() == 0
+
+
 def test_zero_value_projection_gives_zero_output():
     cfg = EngramConfig(engram_vocab_size=[11, 11], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1])
     layer = EngramLayer(cfg, 1, hidden_size=24)
