@@ -20,6 +20,20 @@ import httpx
 from loadtest.workload import SampleRequest
 
 
+async def sse_lines(resp: httpx.Response):
+    """The lines of an event stream, split at LF (and a CR before it) only, as the SSE spec
+    says. httpx's aiter_lines splits like str.splitlines, also at U+2028, U+2029 and U+0085,
+    which a server may send raw inside a JSON string (generated text): that cut one event in
+    two and failed a request of ours with "Unterminated string"."""
+    rest = ""
+    async for text in resp.aiter_text():
+        *lines, rest = (rest + text).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if rest:
+        yield rest.removesuffix("\r")
+
+
 @dataclass
 class RequestSettings:
     """What every request of a run shares."""
@@ -84,7 +98,7 @@ async def send_request(
             if resp.status_code != 200:
                 res.error = _error_text(resp.status_code, await resp.aread())
                 return res
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if not line.startswith("data:"):
                     continue  # SSE comments and blank separators
                 data = line[5:].strip()

@@ -115,8 +115,13 @@ def engine_error(out) -> APIError:
 # ----------------------------------------------------------------------------- transport
 
 
+# Unicode line breaks that JSON leaves raw: clients splitting lines like str.splitlines (httpx's
+# iter_lines does) would cut an event at them, so they go out escaped, which JSON allows.
+_LINE_BREAK_ESCAPES = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\u0085\u2028\u2029"})
+
+
 def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAK_ESCAPES)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -61,3 +61,13 @@ def test_failures_are_recorded_not_raised():
     assert not res.success and "engine died" in res.error
     res, _ = _send(200, b"data: {not json\n\n")
     assert not res.success and res.error.startswith("JSONDecodeError")
+
+
+def test_unicode_line_breaks_inside_generated_text_do_not_split_events():
+    """A server may send U+2028, U+2029 or U+0085 raw inside a JSON string (ours escapes
+    them, others need not); SSE lines end at LF only, so the event stays whole."""
+    frames = [f"data: {json.dumps(_choice(t), ensure_ascii=False)}\r\n\r\n" for t in ("a\u2028b", "c\x85", "\u2029")]
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}}
+    body = ("".join(frames) + f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n").encode()
+    res, _ = _send(200, body)
+    assert res.success and res.generated_text == "a\u2028bc\x85\u2029" and res.output_tokens == 3
