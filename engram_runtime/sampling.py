@@ -62,11 +62,27 @@ class SampleResult:
     logprobs: list[dict | None]  # per row: {"token_id", "logprob", "top": {id: lp}} or None
 
 
+_ARGMAX_BLOCK = 1024
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B], the first index of each row's maximum (as max(dim=-1).indices).
+
+    Not torch.argmax, and not one max(dim) over the whole row: on this CPU index-returning
+    reductions run a scalar loop while amax vectorises. For [128, 49152] bfloat16 logits,
+    argmax took 18.7 ms, max(dim=-1) 3.8 ms and amax 0.67 ms. So: each block's amax, the first
+    block holding the row's maximum, and the index reduction inside that block only."""
+    b, v = logits.shape
+    if v % _ARGMAX_BLOCK or v < 4 * _ARGMAX_BLOCK:
+        return logits.max(dim=-1).indices
+    blocks = logits.reshape(b, v // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    best = blocks.amax(dim=-1).max(dim=-1).indices  # [B]
+    return best * _ARGMAX_BLOCK + blocks[torch.arange(b), best].max(dim=-1).indices
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> SampleResult:
     """logits [B, V] (any float dtype; converted to float32 only where needed) -> one token per row."""
-    # max(dim).indices, not argmax: the same first-maximum index, but argmax over bfloat16
-    # logits runs 6x slower on this CPU (36 ms against 6 ms at batch 128, a quarter of a step)
-    tokens = logits.max(dim=-1).indices
+    tokens = argmax(logits)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = torch.tensor(rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engram_runtime.sampling import SamplingParams, sample
+from engram_runtime.sampling import SamplingParams, argmax, sample
 
 
 def draw(logits, params, n, seed=0):
@@ -18,6 +18,20 @@ def test_sampler_follows_the_distribution():
     assert (counts - logits.softmax(-1)).abs().max().item() < 0.03
     hot = torch.bincount(torch.tensor(draw(logits, SamplingParams(temperature=0.25), 500)), minlength=4)
     assert hot[3] > 450  # low temperature sharpens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [49152, 5000, 1024])  # blocked (SmolLM2's), not a multiple, small
+def test_blocked_argmax_is_the_first_maximum(dtype, vocab):
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    logits[1, [7, vocab - 1]] = 50.0  # ties across blocks: the first wins
+    logits[2, [vocab // 2, vocab // 2 + 1]] = 50.0  # ties inside a block
+    logits[3] = 0.0
+    logits[4, vocab - 3] = float("nan")  # a NaN row: its NaN, as torch's own reductions do
+    expected = torch.tensor([int(torch.nonzero(row == row.max())[0]) if not row.isnan().any()
+                             else int(row.isnan().nonzero()[0]) for row in logits.float()])
+    assert torch.equal(argmax(logits), expected)
+    assert torch.equal(argmax(logits), logits.max(dim=-1).indices)
 
 
 def test_top_k_and_top_p_filter():
