@@ -154,17 +154,20 @@ class EngramTable:
     def _take_mapped(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Rows from the mapping. A page fault blocks its thread, so one thread reads a cold file at
         queue depth 1, while chunks on a few threads (numpy's take releases the GIL) keep several
-        reads in flight. That pays only for many rows from disk, so the first row is read alone as
-        a probe of where the rows are, and the rest go to the readers only if it came from disk
-        and they are at least _MMAP_PARALLEL_MIN_ROWS. Measured here, 256 random rows from the page
-        cache: 0.4 ms inline against 0.9 ms on 8 threads. 16 rows from disk took 1.2 ms on 8
-        threads against 2.0 inline in isolation, yet in the server at concurrency 1 the readers'
-        hand-offs slowed the forward by more (mmap + cache vs no Engram 0.69, against 0.82 with
-        inline reads in the previous run)."""
+        reads in flight. That pays only for many rows from disk: a gather of more than
+        _MMAP_PARALLEL_MIN_ROWS rows reads its first row alone as a probe of where they are, and
+        sends the rest to the readers only if it came from disk. Measured here, 256 random rows
+        from the page cache: 0.4 ms inline against 0.9 ms on 8 threads. 16 rows from disk took
+        1.2 ms on 8 threads against 2.0 inline in isolation, yet in the server at concurrency 1
+        the readers' hand-offs slowed the forward by more (mmap + cache vs no Engram 0.69, against
+        0.82 with inline reads in the previous run)."""
+        if len(rows) <= _MMAP_PARALLEL_MIN_ROWS:
+            np.take(self._rows_np, rows, axis=0, out=out)
+            return
         t0 = time.perf_counter()
         np.take(self._rows_np, rows[:1], axis=0, out=out[:1])
         rows, out = rows[1:], out[1:]
-        if len(rows) < _MMAP_PARALLEL_MIN_ROWS or time.perf_counter() - t0 < _COLD_READ_SECONDS:
+        if time.perf_counter() - t0 < _COLD_READ_SECONDS:  # the page cache had it
             np.take(self._rows_np, rows, axis=0, out=out)
             return
         bounds = np.linspace(0, len(rows), _MMAP_READ_THREADS + 1).astype(np.int64)
