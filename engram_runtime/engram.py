@@ -77,14 +77,14 @@ class ShortConv(nn.Module):
         call again after changing the parameters."""
         self.frozen = tuple(w.detach().contiguous() for w in self.weights())
 
-    def left_context(self, batch: int, channels: int, state: torch.Tensor | None,
-                     slots: torch.Tensor | None) -> torch.Tensor:
+    def left_context(self, batch: int, state: torch.Tensor | None, slots: torch.Tensor | None) -> torch.Tensor:
         """The conv inputs before this call's first position: zeros, `state`, or its rows `slots`."""
+        shape = (batch, self.context, self.conv.in_channels)
         if state is None:
-            return self.conv.weight.new_zeros(batch, self.context, channels)
+            return self.conv.weight.new_zeros(shape)
         left = state if slots is None else state.index_select(0, slots)
-        if left.shape != (batch, self.context, channels):
-            raise ValueError(f"conv_state must have shape {(batch, self.context, channels)}, got {tuple(left.shape)}")
+        if left.shape != shape:
+            raise ValueError(f"conv_state must have shape {shape}, got {tuple(left.shape)}")
         return left
 
     def update_state(self, state: torch.Tensor, full: torch.Tensor, lengths: torch.Tensor | None,
@@ -191,7 +191,7 @@ class EngramLayer(nn.Module):
             raise ValueError(f"EngramLayer {self.layer_id}: hidden_states must be [B, T, {self.hc_mult}, "
                              f"{self.hidden_size}], got {tuple(hidden_states.shape)}")
         conv = self.short_conv
-        left = conv.left_context(b, g * d, conv_state, slots)
+        left = conv.left_context(b, conv_state, slots)
         out, full, gate = _gated_conv(hidden_states, memory, left, *(conv.frozen or conv.weights()), conv.dilation)
         if conv_state is not None:
             conv.update_state(conv_state, full, lengths, slots)
