@@ -36,6 +36,12 @@ def test_metrics_without_engram(small_server):
         assert r.status_code == 200
         text = c.get("/metrics").text
         values = scrape(c)
+        # the engine records a step's duration after emitting its tokens, so the response can be
+        # complete one step before the histogram counts that step: wait for it (bounded)
+        deadline = time.monotonic() + 10
+        while metric(values, "engram_serve_step_seconds_count") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            values = scrape(c)
     for family in ("engram_table_lookups_total", "engram_cache_hits_total", "engram_table_rows_touched_ratio",
                    "engram_table_bytes", "engram_prefetch_wait_seconds", "engram_gather_seconds",
                    "engram_gather_bytes_total", "engram_gather_rows_total", "engram_gate_mean",
