@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram_runtime import native
+from engram_runtime import kernels
 from engram_runtime.config import ModelConfig
 
 
@@ -55,8 +55,8 @@ class AttentionInputs:
 
 @dataclass
 class DecodeInputs:
-    """A step where every row is one new token, for the native decode kernel
-    (engram_runtime/native.py), which writes K/V and masks by position itself.
+    """A step where every row is one new token, for the fused decode kernel
+    (engram_runtime/kernels.py), which writes K/V and masks by position itself.
     slots, positions [B] int64; cos, sin [B, head_dim] float32 (rows of rope_tables)."""
 
     slots: torch.Tensor
@@ -71,9 +71,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused kernel (accumulates in float32 for bfloat16 inputs)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Normalised x in `dtype`, the dtype of the matmul it feeds."""
+        return kernels.rms_norm(x, self.weight, self.eps, dtype)
 
 
 def rope_tables(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,19 +125,19 @@ class Attention(nn.Module):
         # matmuls copy strided K/V slices first and end up slower than float32 on this CPU
         qkv = self.wqkv(x).float().view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
         if isinstance(a, DecodeInputs):
-            out = native.decode_attention(qkv.view(B, -1, self.head_dim), a.cos, a.sin, self.k_cache,
-                                          self.v_cache, a.slots, a.positions)
+            out = kernels.decode_attention(qkv.view(B, -1, self.head_dim), a.cos, a.sin, self.k_cache,
+                                           self.v_cache, a.slots, a.positions)
             return self.wo(out.view(B, T, -1))
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], a.cos, a.sin)  # q and k heads in one go
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
         # write this step's K/V into the static cache, then attend over the cache
-        d = self.head_dim
-        self.k_cache.view(-1, d).index_copy_(0, a.write_rows, k.reshape(-1, d))
-        self.v_cache.view(-1, d).index_copy_(0, a.write_rows, v.reshape(-1, d))
+        d, cache_dtype = self.head_dim, self.k_cache.dtype
+        self.k_cache.view(-1, d).index_copy_(0, a.write_rows, k.reshape(-1, d).to(cache_dtype))
+        self.v_cache.view(-1, d).index_copy_(0, a.write_rows, v.reshape(-1, d).to(cache_dtype))
         rows = slice(*a.read) if isinstance(a.read, tuple) else a.read
-        keys = self.k_cache[rows, :, : a.kv_len]
-        values = self.v_cache[rows, :, : a.kv_len]
+        keys = self.k_cache[rows, :, : a.kv_len].float()  # no copy for a float32 cache slice
+        values = self.v_cache[rows, :, : a.kv_len].float()
         if a.q_rows is not None:  # attend over a slot range: place the batch's queries in it
             full = q.new_zeros(values.shape[0], *q.shape[1:])
             full[a.q_rows] = q
@@ -183,13 +183,11 @@ def can_pack() -> bool:
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.inter = config.intermediate_size
         self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.inter, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(kernels.silu_and_mul(self.w13(x), self.w2.dtype))
 
 
 class Block(nn.Module):
@@ -205,8 +203,18 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, a: AttentionInputs | DecodeInputs, engram: EngramHook | None) -> torch.Tensor:
         if self.has_engram and engram is not None:
             x = x + engram(self.layer_id, x)  # Engram memory joins the residual before attention
-        x = x + self.attention(self.attention_norm(x), a)
-        return x + self.feed_forward(self.ffn_norm(x))
+        h = self.attention_norm(x, self.attention.wqkv.dtype)
+        x, h = kernels.add_rms_norm(x, self.attention(h, a), self.ffn_norm.weight, self.ffn_norm.eps,
+                                    self.feed_forward.w13.dtype)
+        return x + self.feed_forward(h)
+
+
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros whose pages the OS commits on first write (numpy's calloc); bfloat16, which
+    numpy lacks, as int16 zeros viewed as bfloat16 (the same bits)."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(np.zeros(shape, np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.zeros(shape, np.float32))
 
 
 class Transformer(nn.Module):
@@ -237,17 +245,16 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.has_engram = block.layer_id in layer_ids
 
-    def setup_cache(self, num_slots: int, max_len: int) -> None:
-        """Static per-slot KV cache, float32 (see Attention). Allocated with numpy's
-        calloc-backed zeros: the OS commits a page only when a sequence first writes
-        it, so memory follows the tokens actually held, not num_slots * max_len
+    def setup_cache(self, num_slots: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
+        """Static per-slot KV cache, float32 or bfloat16 (see Attention). Allocated with
+        calloc-backed zeros: the OS commits a page only when a sequence first writes it,
+        so memory follows the tokens actually held, not num_slots * max_len
         (torch.zeros would touch all of it: 6 GB for 64 slots x 2048 positions).
         Zeros rather than garbage keep masked scores finite."""
-        kv, d = self.config.num_key_value_heads, self.config.head_dim
+        shape = (num_slots, self.config.num_key_value_heads, max_len, self.config.head_dim)
         self.cache_len = max_len
         for block in self.layers:
-            block.attention.k_cache = torch.from_numpy(np.zeros((num_slots, kv, max_len, d), np.float32))
-            block.attention.v_cache = torch.from_numpy(np.zeros((num_slots, kv, max_len, d), np.float32))
+            block.attention.k_cache, block.attention.v_cache = (zeros_on_demand(shape, dtype) for _ in "kv")
 
     def forward(
         self,
@@ -264,7 +271,7 @@ class Transformer(nn.Module):
         x = x.reshape(-1, x.shape[-1])
         if logits_index is not None:
             x = x[logits_index]
-        return self.output(self.norm(x))
+        return self.output(self.norm(x, self.output.dtype))
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Map HF Llama names onto this module, fusing q/k/v and gate/up. Tensors are

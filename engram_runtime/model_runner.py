@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engram_runtime.config import ModelConfig
-from engram_runtime import native
+from engram_runtime import kernels
 from engram_runtime.model import AttentionInputs, DecodeInputs, EngramHook, Transformer, rope_tables
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -41,7 +41,6 @@ class ModelRunner:
         num_slots: int,
         max_model_len: int,
         pack_weights: bool = True,
-        native_kernels: bool = True,
     ):
         self.config = config
         self.dtype = dtype
@@ -54,10 +53,11 @@ class ModelRunner:
         self.model.prepare_for_inference(pack=pack_weights)
         # one scratch position past the end: padded tokens write their K/V there
         self.scratch_pos = max_model_len
-        self.model.setup_cache(num_slots, max_model_len + 1)
+        # bfloat16 models keep a bfloat16 KV cache when the fused decode kernel can read it
+        # (half the bytes a decode step waits on); torch's decode path wants float32
+        cache_dtype = torch.bfloat16 if dtype == torch.bfloat16 and kernels.available() else torch.float32
+        self.model.setup_cache(num_slots, max_model_len + 1, cache_dtype)
         self.cos, self.sin = rope_tables(config, max_model_len + 1)
-        # decode steps use the fused native kernel when it builds (engram_runtime/native.py)
-        self.native = native_kernels and native.available()
 
     def kv_cache_bytes(self) -> int:
         a = self.model.layers[0].attention
@@ -67,7 +67,7 @@ class ModelRunner:
         self, rows: list[Row]
     ) -> tuple[torch.Tensor, AttentionInputs | DecodeInputs, torch.Tensor]:
         B = len(rows)
-        if self.native and all(len(r.token_ids) == 1 for r in rows):
+        if all(len(r.token_ids) == 1 for r in rows) and kernels.enabled():  # fused decode attention
             positions = torch.tensor([r.start_pos for r in rows])
             decode = DecodeInputs(torch.tensor([r.slot for r in rows]), positions, self.cos[positions], self.sin[positions])
             return torch.tensor([r.token_ids for r in rows]), decode, torch.arange(B)

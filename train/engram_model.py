@@ -38,8 +38,7 @@ class Rows:
 
 def load_backbone(model: str | None, dtype: str = "float32") -> tuple[ModelRunner, object]:
     """The runtime's own ModelRunner (unpacked weights so autograd can run through them;
-    frozen: requires_grad False everywhere; no native decode kernel, which has no autograd)
-    and the tokenizer, read by the runtime's loader
+    frozen: requires_grad False everywhere) and the tokenizer, read by the runtime's loader
     (GGUF or HF directory), so training sees exactly the served backbone.
 
     dtype "bfloat16" is the runtime's bf16 path (bf16 matmuls, float32 residual stream and
@@ -47,8 +46,7 @@ def load_backbone(model: str | None, dtype: str = "float32") -> tuple[ModelRunne
     training throughput is made of. Evaluation defaults to float32, the serving default."""
     loaded = load_model(model)
     runner = ModelRunner(loaded.config, loaded.state_dict, parse_dtype(dtype), num_slots=1,
-                         max_model_len=loaded.config.max_position_embeddings, pack_weights=False,
-                         native_kernels=False)
+                         max_model_len=loaded.config.max_position_embeddings, pack_weights=False)
     return runner, loaded.tokenizer
 
 

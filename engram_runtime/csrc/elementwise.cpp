@@ -1,0 +1,140 @@
+// The decoder block's elementwise steps, each one pass over memory instead of the 4-7
+// torch ops (and a dtype cast) they take otherwise; their torch equivalents are in
+// engram_runtime/kernels.py, which the tests compare them with.
+//
+//   rms_norm(x, w, eps, dtype)            x * rsqrt(mean(x^2) + eps) * w, stored in dtype
+//   add_rms_norm_(x, delta, w, eps, dtype) x += delta (in place), then rms_norm(x, ...)
+//   silu_and_mul(gate_up, dtype)          silu(gate) * up for gate_up = [gate | up]
+//
+// x and w are float32 (the residual stream); delta and gate_up float32 or bfloat16;
+// the output is float32 or bfloat16, the dtype of the matmul it feeds.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "bf16.h"
+
+namespace {
+
+// Rows per parallel task: enough work per task that the thread hand-off stays small.
+constexpr int64_t kGrain = 8;
+
+template <typename out_t>
+void norm_row(const float* x, const float* w, float eps, int64_t n, out_t* out) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) store_float(x[i] * inv * w[i], out + i);
+}
+
+at::Tensor checked_out(const at::Tensor& like, at::IntArrayRef sizes, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "output dtype must be float32 or bfloat16");
+  return at::empty(sizes, like.options().dtype(dtype));
+}
+
+void check_norm_args(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm: x and w must be float32");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "rms_norm: x and w must be contiguous");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.numel(), "rms_norm: w must match x's last dimension");
+}
+
+// Normalises x's rows (after adding delta's, if given) into a new tensor of `dtype`.
+template <typename delta_t, typename out_t>
+void norm_rows(float* x, const delta_t* delta, const float* w, float eps, int64_t rows, int64_t n, out_t* out) {
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* xr = x + r * n;
+      if (delta != nullptr) {
+        const delta_t* dr = delta + r * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) xr[i] += load_float(dr[i]);
+      }
+      norm_row(xr, w, eps, n, out + r * n);
+    }
+  });
+}
+
+template <typename delta_t>
+at::Tensor norm_dispatch(const at::Tensor& x, const delta_t* delta, const at::Tensor& w, double eps,
+                         at::ScalarType dtype) {
+  at::Tensor out = checked_out(x, x.sizes(), dtype);
+  const int64_t n = w.numel(), rows = x.numel() / n;
+  float* xp = x.data_ptr<float>();
+  if (dtype == at::kFloat)
+    norm_rows(xp, delta, w.data_ptr<float>(), static_cast<float>(eps), rows, n, out.data_ptr<float>());
+  else
+    norm_rows(xp, delta, w.data_ptr<float>(), static_cast<float>(eps), rows, n, data_as<bf16>(out));
+  return out;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, at::ScalarType dtype) {
+  check_norm_args(x, w);
+  return norm_dispatch<float>(x, nullptr, w, eps, dtype);
+}
+
+at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps,
+                         at::ScalarType dtype) {
+  check_norm_args(x, w);
+  TORCH_CHECK(delta.sizes() == x.sizes() && delta.is_contiguous(), "add_rms_norm_: delta must be contiguous, x's shape");
+  if (delta.scalar_type() == at::kFloat) return norm_dispatch(x, delta.data_ptr<float>(), w, eps, dtype);
+  TORCH_CHECK(delta.scalar_type() == at::kBFloat16, "add_rms_norm_: delta must be float32 or bfloat16");
+  return norm_dispatch(x, data_as<bf16>(delta), w, eps, dtype);
+}
+
+template <typename in_t, typename out_t>
+void silu_mul_rows(const in_t* in, int64_t rows, int64_t n, out_t* out) {
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const in_t *gate = in + r * 2 * n, *up = gate + n;
+      out_t* o = out + r * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const float g = load_float(gate[i]);
+        store_float(g / (1.f + std::exp(-g)) * load_float(up[i]), o + i);
+      }
+    }
+  });
+}
+
+template <typename in_t>
+void silu_mul_dispatch(const at::Tensor& gate_up, int64_t rows, int64_t n, at::Tensor& out) {
+  if (out.scalar_type() == at::kFloat)
+    silu_mul_rows(data_as<in_t>(gate_up), rows, n, out.data_ptr<float>());
+  else
+    silu_mul_rows(data_as<in_t>(gate_up), rows, n, data_as<bf16>(out));
+}
+
+at::Tensor silu_and_mul(const at::Tensor& gate_up, at::ScalarType dtype) {
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
+              "silu_and_mul: gate_up must be contiguous with an even last dimension");
+  std::vector<int64_t> sizes = gate_up.sizes().vec();
+  const int64_t n = sizes.back() / 2, rows = gate_up.numel() / (2 * n);
+  sizes.back() = n;
+  at::Tensor out = checked_out(gate_up, sizes, dtype);
+  if (gate_up.scalar_type() == at::kFloat)
+    silu_mul_dispatch<float>(gate_up, rows, n, out);
+  else if (gate_up.scalar_type() == at::kBFloat16)
+    silu_mul_dispatch<bf16>(gate_up, rows, n, out);
+  else
+    TORCH_CHECK(false, "silu_and_mul: gate_up must be float32 or bfloat16");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(engram_serve, m) {
+  m.def("rms_norm(Tensor x, Tensor w, float eps, ScalarType dtype) -> Tensor");
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor delta, Tensor w, float eps, ScalarType dtype) -> Tensor");
+  m.def("silu_and_mul(Tensor gate_up, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(engram_serve, CPU, m) {
+  m.impl("rms_norm", rms_norm);
+  m.impl("add_rms_norm_", add_rms_norm_);
+  m.impl("silu_and_mul", silu_and_mul);
+}

@@ -1,0 +1,84 @@
+"""Fused CPU kernels for the decode hot path, each beside the torch ops it replaces.
+
+On a 2-core CPU a decode step's non-matmul work is dozens of small torch ops per
+layer whose fixed costs and extra passes over memory add up to a third of the step
+at batch 128 (profiled in bench.generate's notes). The kernels in csrc/ do each job
+in one pass: decode attention with RoPE and the KV-cache write, RMSNorm (with the
+residual add before it) straight into the next matmul's dtype, and SiLU-and-multiply.
+
+They are compiled on first use (~20 s, once per machine, cached in torch's extension
+directory and shared by later processes) by torch's C++ extension builder with the
+system compiler. Without a compiler, with ENGRAM_SERVE_NATIVE=0, or where autograd
+is recording (training: the kernels have no backward), every function here runs its
+torch equivalent instead; tests/runtime/test_kernels.py checks the two agree.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "elementwise.cpp")]
+# -ffast-math lets gcc vectorise expf (softmax, SiLU); inputs are finite activations
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+
+
+@functools.cache
+def available() -> bool:
+    """Builds (or loads the cached build of) the kernels; False if they cannot be used."""
+    if os.environ.get("ENGRAM_SERVE_NATIVE", "1") == "0":
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        log.info("loading native kernels (the first build on a machine takes ~20 s)")
+        load("engram_serve_native", [str(s) for s in SOURCES], extra_cflags=CFLAGS,
+             extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as e:  # no compiler, failed build: the torch path still works
+        log.warning("native kernels unavailable, using torch ops instead: %s", e)
+        return False
+    return True
+
+
+def enabled() -> bool:
+    """Whether this call may use the kernels: they are built and autograd is not recording."""
+    return not torch.is_grad_enabled() and available()
+
+
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE + KV-cache write + attention for one new token per row (native only: the
+    torch path builds AttentionInputs instead, see ModelRunner.attention_inputs).
+    qkv [R, H + 2 KV, D] float32 before RoPE, cos/sin [R, D] -> [R, H, D]."""
+    return torch.ops.engram_serve.decode_attention(qkv, cos, sin, k_cache, v_cache, slots, positions)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm of float32 x with float32 weight, returned in `dtype` (the next matmul's)."""
+    if enabled() and x.is_contiguous():
+        return torch.ops.engram_serve.rms_norm(x, weight, eps, dtype)
+    return F.rms_norm(x, weight.shape, weight, eps).to(dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)). The native kernel adds in place, so the caller
+    must not use x afterwards, only the returned sum."""
+    if enabled() and x.is_contiguous() and delta.is_contiguous():
+        return x, torch.ops.engram_serve.add_rms_norm_(x, delta, weight, eps, dtype)
+    x = x + delta
+    return x, rms_norm(x, weight, eps, dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] on the last dimension, in `dtype`."""
+    if enabled() and gate_up.is_contiguous():
+        return torch.ops.engram_serve.silu_and_mul(gate_up, dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(dtype)
