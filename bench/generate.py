@@ -1,9 +1,9 @@
 """Decode throughput: this runtime vs transformers' generate vs the matmul-only roofline.
 
-All three run in this one process, interleaved per (dtype, batch), so their ratios
-hold on a noisy machine. Decode tok/s = batch / the MEDIAN decode step time
-(prefill excluded); the median keeps a step preempted by another process on a
-shared machine from moving the figure.
+All three run in this one process, interleaved per (dtype, batch) over `--rounds`
+rounds (medians reported), so their ratios hold on a noisy machine. Decode tok/s =
+batch / the MEDIAN decode step time (prefill excluded); the median keeps a step
+preempted by another process on a shared machine from moving the figure.
 
 - runtime: LLMEngine stepped in this thread; B identical-length prompts, prefill
   first, then `--steps` timed decode steps.
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32, 128])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats per batch; medians are reported")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--quick", action="store_true", help="batches 1 8, 4 steps: checks the script runs")
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.batches, args.steps = [1, 8], 6
+        args.batches, args.steps, args.rounds = [1, 8], 6, 1
 
     loaded = load_model(args.model)
     text = "The history of the city begins with a small settlement on the river, where traders"
@@ -147,9 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         per_batch = {}
         for b in args.batches:
             reps = max(3, args.steps // 4)
-            row = {"roofline": roofline(loaded, dtype, b, reps),
-                   "roofline_packed": roofline(loaded, dtype, b, reps, packed=True),
-                   "runtime": runtime_decode(engine, prompt, b, args.steps)}
+            rounds = {"roofline": [], "roofline_packed": [], "runtime": []}
+            for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits all three
+                rounds["roofline"].append(roofline(loaded, dtype, b, reps))
+                rounds["roofline_packed"].append(roofline(loaded, dtype, b, reps, packed=True))
+                rounds["runtime"].append(runtime_decode(engine, prompt, b, args.steps))
+            row = {k: statistics.median(v) for k, v in rounds.items()}
             if hf is not None:
                 row["transformers"] = transformers_decode(hf, prompt, b, args.steps)
                 row["runtime_vs_transformers"] = row["runtime"] / row["transformers"]
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": loaded.path,
         "prompt_len": args.prompt_len,
         "decode_steps": args.steps,
+        "rounds": args.rounds,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),

@@ -55,7 +55,8 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
                      v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """RoPE + KV-cache write + attention for one new token per row (native only: the
     torch path builds AttentionInputs instead, see ModelRunner.attention_inputs).
-    qkv [R, H + 2 KV, D] float32 before RoPE, cos/sin [R, D] -> [R, H, D]."""
+    qkv [R, H + 2 KV, D] before RoPE, in the caches' dtype; cos/sin [R, D] float32
+    -> [R, H, D] in the caches' dtype."""
     return torch.ops.engram_serve.decode_attention(qkv, cos, sin, k_cache, v_cache, slots, positions)
 
 

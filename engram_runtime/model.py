@@ -121,13 +121,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, a: AttentionInputs | DecodeInputs) -> torch.Tensor:
         B, T, _ = x.shape
-        # attention runs in float32 whatever the weights' dtype: torch's bfloat16 batched
-        # matmuls copy strided K/V slices first and end up slower than float32 on this CPU
-        qkv = self.wqkv(x).float().view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
-        if isinstance(a, DecodeInputs):
-            out = kernels.decode_attention(qkv.view(B, -1, self.head_dim), a.cos, a.sin, self.k_cache,
-                                           self.v_cache, a.slots, a.positions)
+        qkv = self.wqkv(x)
+        if isinstance(a, DecodeInputs):  # in the cache's dtype, the weights' when the kernel is built
+            qkv = qkv.to(self.k_cache.dtype).view(B, -1, self.head_dim)
+            out = kernels.decode_attention(qkv, a.cos, a.sin, self.k_cache, self.v_cache, a.slots, a.positions)
             return self.wo(out.view(B, T, -1))
+        # torch's attention runs in float32 whatever the weights' dtype: its bfloat16 batched
+        # matmuls copy strided K/V slices first and end up slower than float32 on this CPU
+        qkv = qkv.float().view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], a.cos, a.sin)  # q and k heads in one go
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]

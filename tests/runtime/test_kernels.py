@@ -19,7 +19,7 @@ def built():
 
 def torch_decode(qkv, cos, sin, k_cache, v_cache, slots, positions):
     """The same step with torch ops: RoPE, index_copy_ into the caches, masked attention."""
-    R = qkv.shape[0]
+    R, D = qkv.shape[0], qkv.shape[-1]
     q = apply_rope(qkv[:, :H], cos[:, None], sin[:, None])
     k = apply_rope(qkv[:, H : H + KV], cos[:, None], sin[:, None])
     rows = ((slots[:, None] * KV + torch.arange(KV)) * LEN + positions[:, None]).reshape(-1)
@@ -32,19 +32,21 @@ def torch_decode(qkv, cos, sin, k_cache, v_cache, slots, positions):
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_matches_torch_on_scattered_slots_and_positions(cache_dtype):
+@pytest.mark.parametrize("head_dim", [64, 128, 80])  # compiled for 64 and 128; 80 takes the generic loop
+def test_decode_attention_matches_torch_on_scattered_slots_and_positions(cache_dtype, head_dim):
     g = torch.Generator().manual_seed(0)
-    k_cache, v_cache = torch.randn(2, SLOTS, KV, LEN, D, generator=g).to(cache_dtype)
+    k_cache, v_cache = torch.randn(2, SLOTS, KV, LEN, head_dim, generator=g).to(cache_dtype)
     slots, positions = torch.tensor([4, 0, 5, 2]), torch.tensor([0, 17, 39, 5])
-    qkv = torch.randn(4, H + 2 * KV, D, generator=g)
-    angles = torch.rand(4, D // 2, generator=g) * 6
+    qkv = torch.randn(4, H + 2 * KV, head_dim, generator=g).to(cache_dtype)
+    angles = torch.rand(4, head_dim // 2, generator=g) * 6
     cos = torch.cat([angles.cos()] * 2, dim=-1)
     sin = torch.cat([-angles.sin(), angles.sin()], dim=-1)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    want = torch_decode(qkv, cos, sin, k_ref, v_ref, slots, positions)
+    ulp = 1e-6 if cache_dtype == torch.float32 else 2**-7  # rounding to the dtype may differ by one ulp
+    want = torch_decode(qkv.float(), cos, sin, k_ref, v_ref, slots, positions)
     got = kernels.decode_attention(qkv, cos, sin, k_cache, v_cache, slots, positions)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    ulp = 1e-6 if cache_dtype == torch.float32 else 2**-7  # RoPE's rounding may differ by one ulp
+    assert got.dtype == cache_dtype
+    torch.testing.assert_close(got.float(), want.to(cache_dtype).float(), atol=1e-5, rtol=max(1e-4, ulp))
     torch.testing.assert_close(k_cache.float(), k_ref.float(), atol=1e-6, rtol=ulp)  # new keys, nothing else
     assert torch.equal(v_cache, v_ref)
 
