@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .engram_config import EngramConfig
 from .model import PackedLinear
 
@@ -191,6 +192,12 @@ class EngramLayer(nn.Module):
             raise ValueError(f"EngramLayer {self.layer_id}: hidden_states must be [B, T, {self.hc_mult}, "
                              f"{self.hidden_size}], got {tuple(hidden_states.shape)}")
         conv = self.short_conv
+        if t == 1 and conv_state is not None and slots is not None and kernels.enabled():  # a decode step
+            out, gate = kernels.engram_mix(hidden_states.reshape(b, g, d), memory.reshape(b, g + 1, d), conv_state,
+                                           slots, *(conv.frozen or conv.weights()), conv.dilation,
+                                           torch.finfo(hidden_states.dtype).eps, _CONV_NORM_EPS)
+            self.last_gate = gate.view(b, t, g)
+            return out.view(b, t, g, d)
         left = conv.left_context(b, conv_state, slots)
         out, full, gate = _gated_conv(hidden_states, memory, left, *(conv.frozen or conv.weights()), conv.dilation)
         if conv_state is not None:

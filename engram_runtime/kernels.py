@@ -4,7 +4,8 @@ On a 2-core CPU a decode step's non-matmul work is dozens of small torch ops per
 layer whose fixed costs and extra passes over memory add up to a third of the step
 at batch 128 (profiled in bench.generate's notes). The kernels in csrc/ do each job
 in one pass: decode attention with RoPE and the KV-cache write, RMSNorm (with the
-residual add before it) straight into the next matmul's dtype, and SiLU-and-multiply.
+residual add before it) straight into the next matmul's dtype, SiLU-and-multiply, and
+an Engram layer's gate and short conv for a decode step.
 
 They are compiled on first use (~20 s, once per machine, cached in torch's extension
 directory and shared by later processes) by torch's C++ extension builder with the
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "elementwise.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("decode_attention.cpp", "elementwise.cpp", "engram_mix.cpp")]
 # -ffast-math lets gcc vectorise expf (softmax, SiLU); inputs are finite activations
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 
@@ -83,3 +85,14 @@ def silu_and_mul(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return torch.ops.engram_serve.silu_and_mul(gate_up, dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     return (F.silu(gate) * up).to(dtype)
+
+
+def engram_mix(hidden: torch.Tensor, memory: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
+               norm_weight: torch.Tensor, taps: torch.Tensor, dilation: int, gate_eps: float,
+               conv_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """EngramLayer.mix for one new token per row (native only, see csrc/engram_mix.cpp), all
+    float32: hidden [B, hc, D], memory [B, hc + 1, D] -> (out [B, hc, D], gate [B, hc]);
+    rows `slots` of the conv state [slots, context, hc * D] advance by one position."""
+    return torch.ops.engram_serve.engram_mix(hidden.contiguous(), memory.contiguous(), state, slots,
+                                             norm_weight.contiguous(), taps.contiguous(), dilation, gate_eps,
+                                             conv_eps)

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from engram_runtime import kernels
+from engram_runtime.engram import EngramLayer
+from engram_runtime.engram_config import EngramConfig
 from engram_runtime.model import AttentionInputs, DecodeInputs, apply_rope, decode_attention
 from engram_runtime.model_runner import Row
 
@@ -93,3 +95,32 @@ def test_model_decodes_the_same_logits_with_and_without_kernels(runner, prompt_i
         logits.append(runner.forward(decode))
     kernels.available.cache_clear()  # the next call sees the environment monkeypatch restores
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
+
+
+def test_engram_mix_kernel_matches_torch(monkeypatch):
+    """Decode steps of an Engram layer with two branches through the kernel and through torch:
+    the same outputs, gates and per-slot conv store."""
+    cfg = EngramConfig(engram_vocab_size=[11, 11], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1],
+                       hc_mult=2)
+    torch.manual_seed(3)
+    layer = EngramLayer(cfg, 1, hidden_size=24, hc_mult=2)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    hidden = torch.randn(3, 5, 2, 24)
+    slots = torch.tensor([5, 0, 2])
+    with torch.no_grad():
+        memory = layer.memory(torch.randn(3, 5, cfg.heads_total, cfg.head_dim))
+        start = torch.randn(6, cfg.conv_state_len, 2 * 24)
+        runs = []
+        for switch in ("1", "0"):
+            monkeypatch.setenv("ENGRAM_SERVE_NATIVE", switch)
+            kernels.available.cache_clear()
+            store = start.clone()
+            outs, gates = [], []
+            for t in range(5):
+                outs.append(layer.mix(hidden[:, t : t + 1], memory[:, t : t + 1], store, slots=slots))
+                gates.append(layer.last_gate)
+            runs.append((torch.cat(outs, 1), torch.cat(gates, 1), store))
+    kernels.available.cache_clear()
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,104 @@
+// EngramLayer.mix for a decode step (one new token per row), in one pass per row:
+// the gate of the memory's value by its keys' match with the hidden state, the
+// per-branch RMSNorm, the depthwise causal conv over the row's conv state, SiLU, and
+// the conv state's shift by one position. In torch this is ~20 small ops per layer
+// (engram_runtime/engram.py, _gated_conv and ShortConv.update_state), whose fixed
+// costs are most of Engram's time in a batch-1 decode step; tests compare the two.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float inv_rms(const float* x, int64_t n, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  return 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+}
+
+// hidden [B, hc, D]; memory [B, hc + 1, D] (per branch the scaled, normalised key, then
+// the value); state [slots, context, hc * D] updated in place at rows `slots` [B];
+// norm_weight [hc, D]; taps [kernel_size, hc * D] with (kernel_size - 1) * dilation == context.
+// Returns (out [B, hc, D], gate [B, hc]).
+std::tuple<at::Tensor, at::Tensor> engram_mix(const at::Tensor& hidden, const at::Tensor& memory,
+                                              const at::Tensor& state, const at::Tensor& slots,
+                                              const at::Tensor& norm_weight, const at::Tensor& taps,
+                                              int64_t dilation, double gate_eps, double conv_eps) {
+  for (const at::Tensor* t : {&hidden, &memory, &state, &norm_weight, &taps}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "engram_mix works on float32 tensors");
+    TORCH_CHECK(t->is_contiguous(), "engram_mix needs contiguous tensors");
+  }
+  TORCH_CHECK(hidden.dim() == 3, "hidden must be [rows, hc, D]");
+  const int64_t B = hidden.size(0), G = hidden.size(1), D = hidden.size(2), C = G * D;
+  TORCH_CHECK(memory.dim() == 3 && memory.size(0) == B && memory.size(1) == G + 1 && memory.size(2) == D,
+              "memory must be [rows, hc + 1, D]");
+  TORCH_CHECK(norm_weight.numel() == C && taps.dim() == 2 && taps.size(1) == C, "norm_weight or taps shape");
+  const int64_t K = taps.size(0), ctx = (K - 1) * dilation;
+  TORCH_CHECK(state.dim() == 3 && state.size(1) == ctx && state.size(2) == C && ctx > 0,
+              "state must be [slots, (kernel_size - 1) * dilation, hc * D]");
+  const at::Tensor slot_t = slots.to(at::kLong).contiguous();
+  TORCH_CHECK(slot_t.numel() == B, "one slot per row");
+  const int64_t* slot = slot_t.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(slot[b] >= 0 && slot[b] < state.size(0), "slot outside the state");
+
+  at::Tensor out = at::empty({B, G, D}, hidden.options()), gate = at::empty({B, G}, hidden.options());
+  const float *hp = hidden.data_ptr<float>(), *mp = memory.data_ptr<float>(), *nw = norm_weight.data_ptr<float>(),
+              *tp = taps.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *op = out.data_ptr<float>(), *gp = gate.data_ptr<float>();
+  const float geps = static_cast<float>(gate_eps), ceps = static_cast<float>(conv_eps);
+
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> normed(C), y(C);  // the conv's input and output at this position
+    for (int64_t b = begin; b < end; ++b) {
+      const float *h = hp + b * C, *mem = mp + b * (G + 1) * D, *value = mem + G * D;
+      float* st = sp + slot[b] * ctx * C;  // the previous `ctx` positions' conv inputs, oldest first
+      float* o = op + b * C;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* hg = h + g * D;
+        const float qs = inv_rms(hg, D, geps);
+        float score = 0.f;
+#pragma omp simd reduction(+ : score)
+        for (int64_t i = 0; i < D; ++i) score += mem[g * D + i] * hg[i];
+        score *= qs;
+        // signed square root before the sigmoid (reference)
+        const float root = std::sqrt(std::max(std::fabs(score), 1e-6f));
+        const float gv = 1.f / (1.f + std::exp(-(score < 0 ? -root : (score > 0 ? root : 0.f))));
+        gp[b * G + g] = gv;
+        float* og = o + g * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) og[i] = gv * value[i];
+        const float vs = inv_rms(og, D, ceps);
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) normed[g * D + i] = og[i] * vs * nw[g * D + i];
+      }
+      // y = sum_j taps[j] * full[j * dilation], full = the state's rows, then `normed`
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) y[i] = tp[(K - 1) * C + i] * normed[i];
+      for (int64_t j = 0; j < K - 1; ++j) {
+        const float* row = st + j * dilation * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) y[i] += tp[j * C + i] * row[i];
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) o[i] += y[i] / (1.f + std::exp(-y[i]));
+      std::memmove(st, st + C, (ctx - 1) * C * sizeof(float));  // drop the oldest position
+      std::copy_n(normed.data(), C, st + (ctx - 1) * C);
+    }
+  });
+  return {out, gate};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(engram_serve, m) {
+  m.def("engram_mix(Tensor hidden, Tensor memory, Tensor(a!) state, Tensor slots, Tensor norm_weight, "
+        "Tensor taps, int dilation, float gate_eps, float conv_eps) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(engram_serve, CPU, m) { m.impl("engram_mix", engram_mix); }
