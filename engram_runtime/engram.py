@@ -23,17 +23,20 @@ _GATE_NORM_EPS = None
 _CONV_NORM_EPS = 1e-5
 
 
-def _gated_conv(hidden: torch.Tensor, memory: torch.Tensor, left: torch.Tensor, norm_weight: torch.Tensor,
-                taps: torch.Tensor, dilation: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gated_conv(hidden: torch.Tensor, memory: torch.Tensor, key_scale: torch.Tensor, left: torch.Tensor,
+                norm_weight: torch.Tensor, taps: torch.Tensor,
+                dilation: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EngramLayer.mix's tensor math: the gate, then the short conv over the gated value.
 
-    hidden [B, T, hc, D]; memory [B, T, hc + 1, D] (EngramLayer.memory); left [B, context, hc*D],
-    the conv inputs of the previous positions; norm_weight [hc, D] and taps [kernel_size, hc*D]
-    from ShortConv.weights(). Returns the output [B, T, hc, D], the conv input with its left
-    context [B, context + T, hc*D] (the next state is its tail) and the gate [B, T, hc]."""
+    hidden [B, T, hc, D]; memory [B, T, hc + 1, D] (EngramLayer.memory); key_scale [hc, D]
+    (EngramLayer._key_scale); left [B, context, hc*D], the conv inputs of the previous positions;
+    norm_weight [hc, D] and taps [kernel_size, hc*D] from ShortConv.weights(). Returns the output
+    [B, T, hc, D], the conv input with its left context [B, context + T, hc*D] (the next state is
+    its tail) and the gate [B, T, hc]."""
     b, t, g, d = hidden.shape
-    query = F.rms_norm(hidden, (d,), eps=_GATE_NORM_EPS)  # its weight is in the keys
-    score = (memory[:, :, :g] * query).sum(dim=-1)  # [B, T, hc]
+    query = F.rms_norm(hidden, (d,), eps=_GATE_NORM_EPS)  # both gate norms' weights are in key_scale
+    keys = F.rms_norm(memory[:, :, :g], (d,), eps=_GATE_NORM_EPS) * key_scale
+    score = (keys * query).sum(dim=-1)  # [B, T, hc]
     # Signed square root tames large dot products before the sigmoid (reference).
     gate = (score.abs().clamp_min(1e-6).sqrt() * score.sign()).sigmoid()
     value = gate.unsqueeze(-1) * memory[:, :, g:]  # [B, T, hc, D]
@@ -158,28 +161,23 @@ class EngramLayer(nn.Module):
         self.short_conv.freeze()
 
     def _key_scale(self) -> torch.Tensor:
-        """[hc, D]: norm1's and norm2's weights and 1/sqrt(D), folded into the normalised keys."""
+        """[hc, D]: norm1's and norm2's weights and 1/sqrt(D), applied to the normalised keys (which
+        leaves the hidden state one plain RMS normalisation and one dot product per branch)."""
         weights = [n1.weight * n2.weight for n1, n2 in zip(self.norm1, self.norm2)]
         return torch.stack(weights) / math.sqrt(self.hidden_size)
 
     def memory(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """The half of the layer that depends on the gathered rows alone: [..., heads_total,
-        head_dim] -> [..., hc + 1, D], per branch the normalised key, then the value. Row ids are
-        known before the forward starts, so the prefetcher computes this off the critical path.
-
-        Each key comes pre-multiplied by its gate norm's weight and 1/sqrt(D), which leaves mix()
-        one plain RMS normalisation of the hidden state and one dot product per branch."""
+        """The half of the layer that depends on the gathered rows alone, its projections:
+        [..., heads_total, head_dim] -> [..., hc + 1, D], per branch the key, then the value.
+        Row ids are known before the forward starts, so the prefetcher computes this off the
+        critical path. The keys' normalisation is left to mix(), where the decode kernel does it
+        for free: as ops here it cost more than the projection itself in a batch-1 step."""
         g, d = self.hc_mult, self.hidden_size
         emb = embeddings.flatten(start_dim=-2)
         dtype = self.value_proj.weight.dtype
         if self.fused_proj is not None:
-            kv, scale = self.fused_proj(emb).to(dtype).unflatten(-1, (g + 1, d)), self.key_scale
-        else:
-            emb = emb.to(dtype)
-            kv = torch.stack([proj(emb) for proj in (*self.key_projs, self.value_proj)], dim=-2)
-            scale = self._key_scale()
-        keys = F.rms_norm(kv[..., :g, :], (d,), eps=_GATE_NORM_EPS) * scale  # [..., hc, D]
-        return torch.cat([keys, kv[..., g:, :]], dim=-2)
+            return self.fused_proj(emb).to(dtype).unflatten(-1, (g + 1, d))
+        return torch.stack([proj(emb.to(dtype)) for proj in (*self.key_projs, self.value_proj)], dim=-2)
 
     def mix(self, hidden_states: torch.Tensor, memory: torch.Tensor, conv_state: torch.Tensor | None = None,
             lengths: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,14 +190,16 @@ class EngramLayer(nn.Module):
             raise ValueError(f"EngramLayer {self.layer_id}: hidden_states must be [B, T, {self.hc_mult}, "
                              f"{self.hidden_size}], got {tuple(hidden_states.shape)}")
         conv = self.short_conv
+        weights = conv.frozen or conv.weights()
+        key_scale = self.key_scale if self.key_scale is not None else self._key_scale()
         if t == 1 and conv_state is not None and slots is not None and kernels.enabled():  # a decode step
-            out, gate = kernels.engram_mix(hidden_states.reshape(b, g, d), memory.reshape(b, g + 1, d), conv_state,
-                                           slots, *(conv.frozen or conv.weights()), conv.dilation,
-                                           torch.finfo(hidden_states.dtype).eps, _CONV_NORM_EPS)
+            gate_eps = torch.finfo(hidden_states.dtype).eps  # what _GATE_NORM_EPS = None means to F.rms_norm
+            out, gate = kernels.engram_mix(hidden_states.reshape(b, g, d), memory.reshape(b, g + 1, d), key_scale,
+                                           conv_state, slots, *weights, conv.dilation, gate_eps, _CONV_NORM_EPS)
             self.last_gate = gate.view(b, t, g)
             return out.view(b, t, g, d)
         left = conv.left_context(b, conv_state, slots)
-        out, full, gate = _gated_conv(hidden_states, memory, left, *(conv.frozen or conv.weights()), conv.dilation)
+        out, full, gate = _gated_conv(hidden_states, memory, key_scale, left, *weights, conv.dilation)
         if conv_state is not None:
             conv.update_state(conv_state, full, lengths, slots)
         self.last_gate = gate.detach()

@@ -1,14 +1,14 @@
 """Fused CPU kernels for the decode hot path, each beside the torch ops it replaces.
 
 On a 2-core CPU a decode step's non-matmul work is dozens of small torch ops per
-layer whose fixed costs and extra passes over memory add up to a third of the step
-at batch 128 (profiled in bench.generate's notes). The kernels in csrc/ do each job
-in one pass: decode attention with RoPE and the KV-cache write, RMSNorm (with the
-residual add before it) straight into the next matmul's dtype, SiLU-and-multiply, and
-an Engram layer's gate and short conv for a decode step.
+layer whose fixed costs and extra passes over memory added up to half of a bfloat16
+step at batch 128 (torch.profiler: the matmuls took 54 ms of 116). The kernels in
+csrc/ do each job in one pass: decode attention with RoPE and the KV-cache write,
+RMSNorm (with the residual add before it) straight into the next matmul's dtype,
+SiLU-and-multiply, and an Engram layer's gate and short conv for a decode step.
 
 They are compiled on first use (~20 s, once per machine, cached in torch's extension
-directory and shared by later processes) by torch's C++ extension builder with the
+directory, shared by later processes) by torch's C++ extension builder with the
 system compiler. Without a compiler, with ENGRAM_SERVE_NATIVE=0, or where autograd
 is recording (training: the kernels have no backward), every function here runs its
 torch equivalent instead; tests/runtime/test_kernels.py checks the two agree.
@@ -16,8 +16,10 @@ torch equivalent instead; tests/runtime/test_kernels.py checks the two agree.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -25,10 +27,26 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("decode_attention.cpp", "elementwise.cpp", "engram_mix.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("decode_attention.cpp", "elementwise.cpp", "engram_mix.cpp")]
 # -ffast-math lets gcc vectorise expf (softmax, SiLU); inputs are finite activations
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+
+
+def build_name() -> str:
+    """The build's name in torch's extension cache, keyed by this CPU's feature flags
+    (-march=native: a home directory shared between machines must not hand one CPU a
+    binary built for another) and by the shared header (torch rebuilds when a source
+    changes, but does not know about headers)."""
+    key = hashlib.sha1(_cpu_flags().encode() + (CSRC / "bf16.h").read_bytes()).hexdigest()[:12]
+    return f"engram_serve_native_{key}"
+
+
+def _cpu_flags() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():  # not Linux
+        return platform.processor()
+    return next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
 
 
 @functools.cache
@@ -40,7 +58,7 @@ def available() -> bool:
         from torch.utils.cpp_extension import load
 
         log.info("loading native kernels (the first build on a machine takes ~20 s)")
-        load("engram_serve_native", [str(s) for s in SOURCES], extra_cflags=CFLAGS,
+        load(build_name(), [str(s) for s in SOURCES], extra_cflags=CFLAGS,
              extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, failed build: the torch path still works
         log.warning("native kernels unavailable, using torch ops instead: %s", e)
@@ -87,12 +105,12 @@ def silu_and_mul(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (F.silu(gate) * up).to(dtype)
 
 
-def engram_mix(hidden: torch.Tensor, memory: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
-               norm_weight: torch.Tensor, taps: torch.Tensor, dilation: int, gate_eps: float,
+def engram_mix(hidden: torch.Tensor, memory: torch.Tensor, key_scale: torch.Tensor, state: torch.Tensor,
+               slots: torch.Tensor, norm_weight: torch.Tensor, taps: torch.Tensor, dilation: int, gate_eps: float,
                conv_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """EngramLayer.mix for one new token per row (native only, see csrc/engram_mix.cpp), all
     float32: hidden [B, hc, D], memory [B, hc + 1, D] -> (out [B, hc, D], gate [B, hc]);
     rows `slots` of the conv state [slots, context, hc * D] advance by one position."""
-    return torch.ops.engram_serve.engram_mix(hidden.contiguous(), memory.contiguous(), state, slots,
-                                             norm_weight.contiguous(), taps.contiguous(), dilation, gate_eps,
-                                             conv_eps)
+    return torch.ops.engram_serve.engram_mix(hidden.contiguous(), memory.contiguous(), key_scale.contiguous(),
+                                             state, slots, norm_weight.contiguous(), taps.contiguous(), dilation,
+                                             gate_eps, conv_eps)

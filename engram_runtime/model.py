@@ -3,7 +3,8 @@
 The forward works on a padded batch [B, T] where row b holds tokens at absolute
 positions `positions[b]` of the sequence living in KV-cache slot `slots[b]`. The
 same code runs prefill (T = prompt chunk), decode (T = 1) and mixed lengths; the
-caller (model_runner) builds positions, the attention mask and the cache view.
+caller (model_runner) builds positions, the attention mask and the cache view, or,
+for a decode step on the fused kernels (kernels.py), just slots and positions.
 
 Q/K/V and gate/up are fused into single matmuls (fewer, larger GEMMs: on a
 2-core CPU the per-op overhead is a visible share of a decode step).

@@ -1,10 +1,11 @@
 """ModelRunner: owns the backbone and its KV cache; turns a list of rows into logits.
 
-A row is (cache slot, new token ids, position of the first of them). The runner
-pads rows to one [B, T] batch, builds positions, rope tables and the causal mask
-over the static cache, and picks the cheapest way to read the cache for this
-batch: a slice when the batch's slots form a (nearly) contiguous range, so decode
-attention reads K/V in place instead of copying them every step.
+A row is (cache slot, new token ids, position of the first of them). A step of one
+new token per row goes to the fused decode kernel (DecodeInputs: slots, positions,
+rope rows). Otherwise the runner pads rows to one [B, T] batch, builds positions,
+rope tables and the causal mask over the static cache, and picks the cheapest way
+to read the cache for this batch: a slice when the batch's slots form a (nearly)
+contiguous range, so attention reads K/V in place instead of copying them.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engram_runtime.config import ModelConfig
 from engram_runtime import kernels
+from engram_runtime.config import ModelConfig
 from engram_runtime.model import AttentionInputs, DecodeInputs, EngramHook, Transformer, rope_tables
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -69,7 +70,8 @@ class ModelRunner:
         B = len(rows)
         if all(len(r.token_ids) == 1 for r in rows) and kernels.enabled():  # fused decode attention
             positions = torch.tensor([r.start_pos for r in rows])
-            decode = DecodeInputs(torch.tensor([r.slot for r in rows]), positions, self.cos[positions], self.sin[positions])
+            slots = torch.tensor([r.slot for r in rows])
+            decode = DecodeInputs(slots, positions, self.cos[positions], self.sin[positions])
             return torch.tensor([r.token_ids for r in rows]), decode, torch.arange(B)
         lens = torch.tensor([len(r.token_ids) for r in rows])
         T = int(lens.max())

@@ -22,15 +22,17 @@ inline float inv_rms(const float* x, int64_t n, float eps) {
   return 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
 }
 
-// hidden [B, hc, D]; memory [B, hc + 1, D] (per branch the scaled, normalised key, then
-// the value); state [slots, context, hc * D] updated in place at rows `slots` [B];
+// hidden [B, hc, D]; memory [B, hc + 1, D] (per branch the projected key, then the value);
+// key_scale [hc, D] (applied to the normalised keys); state [slots, context, hc * D]
+// updated in place at rows `slots` [B];
 // norm_weight [hc, D]; taps [kernel_size, hc * D] with (kernel_size - 1) * dilation == context.
 // Returns (out [B, hc, D], gate [B, hc]).
 std::tuple<at::Tensor, at::Tensor> engram_mix(const at::Tensor& hidden, const at::Tensor& memory,
-                                              const at::Tensor& state, const at::Tensor& slots,
+                                              const at::Tensor& key_scale, const at::Tensor& state,
+                                              const at::Tensor& slots,
                                               const at::Tensor& norm_weight, const at::Tensor& taps,
                                               int64_t dilation, double gate_eps, double conv_eps) {
-  for (const at::Tensor* t : {&hidden, &memory, &state, &norm_weight, &taps}) {
+  for (const at::Tensor* t : {&hidden, &memory, &key_scale, &state, &norm_weight, &taps}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat, "engram_mix works on float32 tensors");
     TORCH_CHECK(t->is_contiguous(), "engram_mix needs contiguous tensors");
   }
@@ -38,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor> engram_mix(const at::Tensor& hidden, const at
   const int64_t B = hidden.size(0), G = hidden.size(1), D = hidden.size(2), C = G * D;
   TORCH_CHECK(memory.dim() == 3 && memory.size(0) == B && memory.size(1) == G + 1 && memory.size(2) == D,
               "memory must be [rows, hc + 1, D]");
-  TORCH_CHECK(norm_weight.numel() == C && taps.dim() == 2 && taps.size(1) == C, "norm_weight or taps shape");
+  TORCH_CHECK(key_scale.numel() == C && norm_weight.numel() == C && taps.dim() == 2 && taps.size(1) == C,
+              "key_scale, norm_weight or taps shape");
   const int64_t K = taps.size(0), ctx = (K - 1) * dilation;
   TORCH_CHECK(state.dim() == 3 && state.size(1) == ctx && state.size(2) == C && ctx > 0,
               "state must be [slots, (kernel_size - 1) * dilation, hc * D]");
@@ -48,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor> engram_mix(const at::Tensor& hidden, const at
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(slot[b] >= 0 && slot[b] < state.size(0), "slot outside the state");
 
   at::Tensor out = at::empty({B, G, D}, hidden.options()), gate = at::empty({B, G}, hidden.options());
-  const float *hp = hidden.data_ptr<float>(), *mp = memory.data_ptr<float>(), *nw = norm_weight.data_ptr<float>(),
-              *tp = taps.data_ptr<float>();
+  const float *hp = hidden.data_ptr<float>(), *mp = memory.data_ptr<float>(), *ks = key_scale.data_ptr<float>(),
+              *nw = norm_weight.data_ptr<float>(), *tp = taps.data_ptr<float>();
   float *sp = state.data_ptr<float>(), *op = out.data_ptr<float>(), *gp = gate.data_ptr<float>();
   const float geps = static_cast<float>(gate_eps), ceps = static_cast<float>(conv_eps);
 
@@ -60,12 +63,11 @@ std::tuple<at::Tensor, at::Tensor> engram_mix(const at::Tensor& hidden, const at
       float* st = sp + slot[b] * ctx * C;  // the previous `ctx` positions' conv inputs, oldest first
       float* o = op + b * C;
       for (int64_t g = 0; g < G; ++g) {
-        const float* hg = h + g * D;
-        const float qs = inv_rms(hg, D, geps);
+        const float *hg = h + g * D, *key = mem + g * D, *scale = ks + g * D;
         float score = 0.f;
 #pragma omp simd reduction(+ : score)
-        for (int64_t i = 0; i < D; ++i) score += mem[g * D + i] * hg[i];
-        score *= qs;
+        for (int64_t i = 0; i < D; ++i) score += key[i] * scale[i] * hg[i];
+        score *= inv_rms(hg, D, geps) * inv_rms(key, D, geps);
         // signed square root before the sigmoid (reference)
         const float root = std::sqrt(std::max(std::fabs(score), 1e-6f));
         const float gv = 1.f / (1.f + std::exp(-(score < 0 ? -root : (score > 0 ? root : 0.f))));
@@ -97,8 +99,8 @@ std::tuple<at::Tensor, at::Tensor> engram_mix(const at::Tensor& hidden, const at
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(engram_serve, m) {
-  m.def("engram_mix(Tensor hidden, Tensor memory, Tensor(a!) state, Tensor slots, Tensor norm_weight, "
-        "Tensor taps, int dilation, float gate_eps, float conv_eps) -> (Tensor, Tensor)");
+  m.def("engram_mix(Tensor hidden, Tensor memory, Tensor key_scale, Tensor(a!) state, Tensor slots, "
+        "Tensor norm_weight, Tensor taps, int dilation, float gate_eps, float conv_eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(engram_serve, CPU, m) { m.impl("engram_mix", engram_mix); }
