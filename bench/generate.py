@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats per batch; medians are reported")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--no-transformers", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="batches 1 8, 4 steps: checks the script runs")
+    ap.add_argument("--quick", action="store_true", help="batches 1 8, 6 steps, 1 round: checks the script runs")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=str(RESULTS / "generate.json"))
     args = ap.parse_args(argv)
