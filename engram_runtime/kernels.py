@@ -36,10 +36,12 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 def build_name() -> str:
     """The build's name in torch's extension cache, keyed by this CPU's feature flags
     (-march=native: a home directory shared between machines must not hand one CPU a
-    binary built for another) and by the shared header (torch rebuilds when a source
+    binary built for another) and by the shared headers (torch rebuilds when a source
     changes, but does not know about headers)."""
-    key = hashlib.sha1(_cpu_flags().encode() + (CSRC / "bf16.h").read_bytes()).hexdigest()[:12]
-    return f"engram_serve_native_{key}"
+    key = hashlib.sha1(_cpu_flags().encode())
+    for header in sorted(CSRC.glob("*.h")):
+        key.update(header.read_bytes())
+    return f"engram_serve_native_{key.hexdigest()[:12]}"
 
 
 def _cpu_flags() -> str:

@@ -12,10 +12,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <vector>
 
 #include "bf16.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -24,10 +24,7 @@ constexpr int64_t kGrain = 8;
 
 template <typename out_t>
 void norm_row(const float* x, const float* w, float eps, int64_t n, out_t* out) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-  const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  const float inv = inv_rms(x, n, eps);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) store_float(x[i] * inv * w[i], out + i);
 }
@@ -94,8 +91,7 @@ void silu_mul_rows(const in_t* in, int64_t rows, int64_t n, out_t* out) {
       out_t* o = out + r * n;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
-        const float g = load_float(gate[i]);
-        store_float(g / (1.f + std::exp(-g)) * load_float(up[i]), o + i);
+        store_float(silu(load_float(gate[i])) * load_float(up[i]), o + i);
       }
     }
   });

@@ -13,14 +13,9 @@
 #include <cstring>
 #include <vector>
 
-namespace {
+#include "vec_math.h"
 
-inline float inv_rms(const float* x, int64_t n, float eps) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-  return 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-}
+namespace {
 
 // hidden [B, hc, D]; memory [B, hc + 1, D] (per branch the projected key, then the value);
 // key_scale [hc, D] (applied to the normalised keys); state [slots, context, hc * D]
@@ -70,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> engram_mix(const at::Tensor& hidden, const at
         score *= inv_rms(hg, D, geps) * inv_rms(key, D, geps);
         // signed square root before the sigmoid (reference)
         const float root = std::sqrt(std::max(std::fabs(score), 1e-6f));
-        const float gv = 1.f / (1.f + std::exp(-(score < 0 ? -root : (score > 0 ? root : 0.f))));
+        const float gv = sigmoid(score < 0 ? -root : (score > 0 ? root : 0.f));
         gp[b * G + g] = gv;
         float* og = o + g * D;
 #pragma omp simd
@@ -88,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> engram_mix(const at::Tensor& hidden, const at
         for (int64_t i = 0; i < C; ++i) y[i] += tp[j * C + i] * row[i];
       }
 #pragma omp simd
-      for (int64_t i = 0; i < C; ++i) o[i] += y[i] / (1.f + std::exp(-y[i]));
+      for (int64_t i = 0; i < C; ++i) o[i] += silu(y[i]);
       std::memmove(st, st + C, (ctx - 1) * C * sizeof(float));  // drop the oldest position
       std::copy_n(normed.data(), C, st + (ctx - 1) * C);
     }
