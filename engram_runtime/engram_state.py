@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import engram_kernels as kernels
 from engram_runtime.checkpoint import load_checkpoint
 from engram_runtime.compression import CompressedTokenizer
 from engram_runtime.engram import EngramLayer
@@ -33,15 +34,23 @@ class EngramStepHook:
         padded = min(lengths) != max(lengths)  # right-padded rows: the conv state needs their lengths
         self.lengths = torch.tensor(lengths) if padded else None
         self._newest = (torch.arange(len(rows)), self.lengths - 1) if padded else (slice(None), -1)
+        # one new token per row on the native kernel: EngramLayer.decode_step, no reshapes (the
+        # forward that calls the hook runs without autograd, which the kernels need)
+        self._decode = max(lengths) == 1 and kernels.available()
         self._gates: dict[int, torch.Tensor] = {}
         self._gate_means: dict[int, list[float]] | None = None
 
     def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
-        B, T, D = hidden.shape
         layer = self.runtime.layers[layer_id]
         memory = self.ticket.wait(layer_id)  # the rows' keys and value, computed by the prefetcher
+        conv_state = self.runtime.conv_states[layer_id]
+        if self._decode:  # hidden [B, 1, D] is decode_step's [B, hc = 1, D]
+            out = layer.decode_step(hidden, memory, conv_state, self.slots)
+            self._gates[layer_id] = layer.last_gate
+            return out
+        B, T, _ = hidden.shape
         out = layer.mix(hidden.unsqueeze(2), memory.view(B, T, *memory.shape[1:]),
-                        self.runtime.conv_states[layer_id], self.lengths, self.slots)
+                        conv_state, self.lengths, self.slots)
         self._gates[layer_id] = layer.last_gate
         return out.squeeze(2)
 
@@ -49,7 +58,8 @@ class EngramStepHook:
         """Each layer's mean gate over the branches for this row's newest token; the first call
         reduces every layer and row at once."""
         if self._gate_means is None:
-            newest = torch.stack(list(self._gates.values()))[(slice(None), *self._newest)]  # [L, B, hc]
+            gates = torch.stack(list(self._gates.values()))  # [L, B, T, hc], or [L, B, hc] from decode_step
+            newest = gates if self._decode else gates[(slice(None), *self._newest)]
             self._gate_means = dict(zip(self._gates, newest.mean(dim=-1).tolist()))
         return {lid: g[row] for lid, g in self._gate_means.items()}
 
@@ -95,7 +105,7 @@ class EngramRuntime:
         return self.layers[layer_id].memory(rows)
 
     def step_rows(self, token_ids: list[list[int]], rows: list[Row]) -> dict[int, np.ndarray]:
-        """Row ids [B*T, heads_total] per layer for the (right-padded) batch of `rows`;
+        """Global row ids [B*T, heads_total] per layer for the (right-padded) batch of `rows`;
         token_ids[b]: row b's sequence so far (at least up to the row's last token)."""
         n = self.ngram
         T = max(len(r.token_ids) for r in rows)
@@ -105,12 +115,12 @@ class EngramRuntime:
             ctx = ids[max(0, start - (n - 1)) : start + len(row.token_ids)]
             lead = max(0, (n - 1) - start)  # sequence start: left-pad like the reference
             windows[b, lead : lead + len(ctx)] = ctx
-        hashed = self.hasher.hash(windows)
-        return {lid: h[:, n - 1 :].reshape(-1, h.shape[-1]) for lid, h in hashed.items()}
+        hashed = self.hasher.hash(windows, context=n - 1, global_ids=True)
+        return {lid: h.reshape(-1, h.shape[-1]) for lid, h in hashed.items()}
 
     def step_hook(self, token_ids: list[list[int]], rows: list[Row]) -> EngramStepHook:
         """Hash and submit this forward's rows now; the returned hook is the model's `engram`."""
-        ticket = self.prefetcher.submit(self.step_rows(token_ids, rows))
+        ticket = self.prefetcher.submit(self.step_rows(token_ids, rows), global_ids=True)
         fresh = [r.slot for r in rows if r.start_pos == 0]
         if fresh:
             for states in self.conv_states.values():

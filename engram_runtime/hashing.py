@@ -5,11 +5,17 @@ offload layer fetch rows before the backbone reaches the Engram layer. The
 arithmetic (odd multipliers, int64 wrap-around, XOR mix, modulo a per-head prime)
 must match the reference bit for bit, or checkpoints trained with the reference
 layout read the wrong rows. Everything is vectorised over batch, positions,
-layers and heads; the only Python loops run over the N-gram order.
+layers and heads; the only Python loops run over the N-gram order. Where the
+native kernels are built, one call (engram_kernels.ngram_rows) does it all: the
+engine hashes every decode step, and a dozen array ops there cost more than the rest
+of Engram's step (see engram_kernels).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+import engram_kernels as kernels
 
 from .compression import CompressedTokenizer
 from .engram_config import EngramConfig
@@ -101,6 +107,8 @@ class NgramHasher:
         # Stacked forms for the vectorised kernel: [L, N] multipliers, [L, N-1, H] primes.
         self._mult = np.stack([self.multipliers[lid] for lid in cfg.layer_ids])
         self._primes = np.array([self.table_sizes[lid] for lid in cfg.layer_ids], dtype=np.int64)
+        self._head_offsets = np.stack([self.head_offsets[lid] for lid in cfg.layer_ids])  # [L, (N-1)*H]
+        self._native_args = [torch.from_numpy(a) for a in (ct.lookup_table, self._mult, self._primes)]
 
     def _rows(self, shifted: np.ndarray) -> dict[int, np.ndarray]:
         """shifted[k] holds the compressed id k positions back ([N, B, T]) -> {layer: [B, T, heads_total]}."""
@@ -113,14 +121,25 @@ class NgramHasher:
         rows = rows.transpose(0, 2, 3, 1, 4).reshape(n_layers, b, t, n_orders * n_heads)
         return {lid: rows[i] for i, lid in enumerate(self.cfg.layer_ids)}
 
-    def hash(self, token_ids) -> dict[int, np.ndarray]:
-        """Raw ids [B, T] -> {layer_id: np.int64 [B, T, heads_total]} row ids within each head."""
+    def hash(self, token_ids, *, context: int = 0, global_ids: bool = False) -> dict[int, np.ndarray]:
+        """Raw ids [B, T] -> {layer_id: np.int64 [B, T - context, heads_total]} row ids within each
+        head; with global_ids, in the layer's whole table (each head's offset added). The first
+        `context` positions only serve as their successors' predecessors (the engine passes a
+        row's N-1 previous tokens this way); positions before the sequence start are padding."""
         ids = np.asarray(token_ids)
         if ids.ndim != 2:
             raise ValueError(f"NgramHasher.hash expects token ids of shape [B, T], got {ids.shape}")
+        if not 0 <= context <= ids.shape[1]:
+            raise ValueError(f"NgramHasher.hash: context {context} outside the {ids.shape[1]} positions")
+        offsets = self._head_offsets if global_ids else np.zeros_like(self._head_offsets)
+        if kernels.available():
+            rows = kernels.ngram_rows(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
+                                      self._native_args[0], self.compressed_pad_id, *self._native_args[1:],
+                                      torch.from_numpy(offsets), context).numpy()
+            return dict(zip(self.cfg.layer_ids, rows))
         c = self.ct(ids)
         n = self.cfg.max_ngram_size
         b, t = c.shape
         padded = np.concatenate([np.full((b, n - 1), self.compressed_pad_id, dtype=np.int64), c], axis=1)
         shifted = np.stack([padded[:, n - 1 - k: n - 1 - k + t] for k in range(n)])
-        return self._rows(shifted)
+        return {lid: rows[:, context:] + offsets[i] for i, (lid, rows) in enumerate(self._rows(shifted).items())}

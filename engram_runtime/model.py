@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram_runtime import kernels
+import engram_kernels as kernels
 from engram_runtime.config import ModelConfig
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engram_runtime import kernels
+import engram_kernels as kernels
 from engram_runtime.config import ModelConfig
 from engram_runtime.model import AttentionInputs, DecodeInputs, EngramHook, Transformer, rope_tables
 

@@ -8,7 +8,7 @@ records that layer's event. ``Ticket.wait(layer)`` blocks only if that event is 
 
 Why rows never leak between steps: every ticket's result is a fresh tensor (dequantisation
 writes new memory), the staging buffers are a ring of two per table guarded by events, and the
-row ids are copied at submit, so neither a later step nor a caller reusing its arrays can
+row ids are copied at submit (or handed over, see submit's global_ids), so neither a later step nor a caller reusing its arrays can
 change what an earlier ticket returns, whatever sequences join or leave the batch.
 
 ``transform(layer_id, rows)``, when given, runs on the worker right after a layer's gather and
@@ -113,8 +113,12 @@ class Prefetcher:
     def worker_alive(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
 
-    def submit(self, rows: dict[int, np.ndarray]) -> Ticket:
-        """rows[layer_id]: int64 [num_tokens, heads_total] WITHIN-HEAD ids; returns at once."""
+    def submit(self, rows: dict[int, np.ndarray], *, global_ids: bool = False) -> Ticket:
+        """rows[layer_id]: int64 [num_tokens, heads_total] WITHIN-HEAD ids; returns at once.
+        With global_ids they are already rows of the layer's whole table, each head's offset
+        added (NgramHasher.hash(..., global_ids=True), the engine's per-step call): they are
+        then taken as they are (the caller hands them over: it must not change them later), and
+        the gather checks them against the table."""
         if self._closed:
             raise RuntimeError("submit() on a closed Prefetcher")
         global_rows = {}
@@ -122,6 +126,9 @@ class Prefetcher:
             layer_id = int(layer_id)
             if layer_id not in self.head_offsets:
                 raise KeyError(f"no table/head offsets for layer {layer_id}; known layers {sorted(self.head_offsets)}")
+            if global_ids:
+                global_rows[layer_id] = ids
+                continue
             ids = np.asarray(ids, dtype=np.int64)
             sizes = self._head_sizes[layer_id]
             if ids.ndim != 2 or ids.shape[1] != len(sizes):

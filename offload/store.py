@@ -13,7 +13,8 @@ share it), serves cache hits from the cache, reads the misses from the tier into
 with one ``index_select`` / ``numpy.take`` (no per-row Python), moves them to the compute device,
 expands back to the requested order and dequantises there. Raw rows cross the slow link, not
 float32. A table wholly in memory without a cache skips the deduplication: its rows are read as
-requested, repeats included (``rows_gathered`` counts them), in a handful of numpy calls.
+requested, repeats included (``rows_gathered`` counts them); on CPU one native call
+(``engram_kernels.gather_rows``) gathers and decodes them.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import engram_kernels as kernels
 from offload.cache import CacheConfig, RowCache
 from offload.device import ComputeDevice, as_numpy, put_rows, take_rows
 from offload.stats import TableStats
@@ -67,6 +69,8 @@ class EngramTable:
         else:
             self._tier = self._load(progress)
         self.cache = self._make_cache(cache)
+        self._native = (self._tier is not None and not device.is_cuda and self.cache is None
+                        and compute_dtype in (torch.float32, torch.bfloat16) and kernels.available())
         table_bytes = {placement: header.file_nbytes - header.data_offset}
         if self.cache is not None:
             table_bytes["cache"] = self.cache.nbytes
@@ -179,14 +183,35 @@ class EngramTable:
     def gather(self, row_ids: np.ndarray) -> torch.Tensor:
         """GLOBAL row ids (any shape) -> [n, head_dim] in compute dtype on the compute device."""
         rows = np.array(row_ids, dtype=np.int64).reshape(-1)  # our own copy: stats keep it a while
+        t0 = time.perf_counter()
+        if self._native:
+            out, hits, touched, missed = self._gather_native(rows), 0, rows, rows
+        else:
+            out, hits, touched, missed = self._gather_staged(rows)
+        self.stats.record_gather(self.layer_id, lookups=int(rows.size), cache_hits=hits, rows=touched,
+                                 rows_gathered=len(missed), bytes_gathered=len(missed) * self.header.row_bytes,
+                                 seconds=time.perf_counter() - t0)
+        return out
+
+    def _gather_native(self, rows: np.ndarray) -> torch.Tensor:
+        """A table in CPU memory without a cache: one native call gathers and decodes the rows as
+        requested, repeats included. A batch-1 step spends more time in each numpy call than in
+        the copy, and the staging ring, events and deduplication of the other paths serve only
+        a device copy or a slower tier, neither of which is here."""
+        try:
+            return kernels.gather_rows(self._tier, torch.from_numpy(rows), self.compute_dtype)
+        except IndexError as e:
+            raise IndexError(f"layer {self.layer_id}: {e} for table {self.header.path}") from None
+
+    def _gather_staged(self, rows: np.ndarray) -> tuple[torch.Tensor, int, np.ndarray, np.ndarray]:
+        """Through a staging buffer and, for mmap or a cache, deduplicated: (rows in compute dtype,
+        cache hits, rows touched, rows read from the tier)."""
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise IndexError(f"layer {self.layer_id}: row ids must be in [0, {self.num_rows}) for table "
                              f"{self.header.path}, got [{rows.min()}, {rows.max()}]")
         with self._lock:
-            t0 = time.perf_counter()
             if self.cache is None and self.placement != "mmap":
-                # DRAM copies a repeated row as fast as np.unique finds it, and a batch-1 step
-                # spends more time in each numpy call than in the copy: read the rows as given
+                # DRAM copies a repeated row as fast as np.unique finds it: read the rows as given
                 slot, raw = self._read_tier(rows)
                 out = self.dtype.decode(raw, self.compute_dtype)
                 hits, touched, missed = 0, rows, rows
@@ -195,11 +220,7 @@ class EngramTable:
             if slot is not None:
                 event = self._staging_events[slot] = self.device.event()
                 event.record()
-            seconds = time.perf_counter() - t0
-        self.stats.record_gather(self.layer_id, lookups=int(rows.size), cache_hits=hits, rows=touched,
-                                 rows_gathered=len(missed), bytes_gathered=len(missed) * self.header.row_bytes,
-                                 seconds=seconds)
-        return out
+        return out, hits, touched, missed
 
     def _gather_unique(self, rows: np.ndarray) -> tuple[int | None, torch.Tensor, int, np.ndarray, np.ndarray]:
         """Deduplicated gather (mmap reads each row once, in file order; the cache counts hits per

@@ -6,8 +6,18 @@ import hashlib
 import numpy as np
 import pytest
 
+import engram_kernels as kernels
 from engram_runtime.engram_config import EngramConfig
 from engram_runtime.hashing import NgramHasher, head_offsets_for, is_prime, table_sizes_for
+
+
+@pytest.fixture(params=["native", "numpy"], autouse=True)
+def implementation(request, monkeypatch):
+    """Every test runs on both implementations of NgramHasher.hash: the native kernel and numpy."""
+    if request.param == "numpy":
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    else:
+        assert kernels.available(), "the native kernels did not build"
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +73,18 @@ def test_last_window_position_equals_full_hash_at_every_position(hasher):
         for lid in hasher.cfg.layer_ids:
             assert step[lid].shape == (3, n, hasher.cfg.heads_total)
             np.testing.assert_array_equal(step[lid][:, -1], full[lid][:, t])
+
+
+def test_context_positions_and_global_ids(hasher):
+    """context drops the leading positions' rows (the engine's N-1 tokens of history) and
+    global_ids adds each head's offset: the row in the layer's whole table."""
+    ids = np.random.default_rng(3).integers(0, hasher.ct.vocab_size, size=(2, 9))
+    full = hasher.hash(ids)
+    got = hasher.hash(ids, context=4, global_ids=True)
+    for lid in hasher.cfg.layer_ids:
+        np.testing.assert_array_equal(got[lid], full[lid][:, 4:] + hasher.head_offsets[lid])
+    with pytest.raises(ValueError, match="context"):
+        hasher.hash(ids, context=10)
 
 
 def test_rows_stay_inside_their_heads(hasher):

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+import engram_kernels as kernels
+from offload.dtypes import table_dtype
 from offload.prefetch import Prefetcher
 from offload import store
 from offload.store import TableSet
@@ -62,6 +64,24 @@ def test_host_load_streams_into_one_buffer(ckpt_factory):
     tier = tables[15].resident
     assert tier.shape == (508, 64) and torch.equal(tier, ckpt.values[15])
     assert tables.stats.snapshot()[15]["table_bytes"] == {"host": 508 * 64 * 4}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "fp8_e4m3"])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_native_gather_decodes_like_the_table_dtype(dtype, compute_dtype):
+    """engram_kernels.gather_rows (a CPU table without a cache) equals the dtype's torch decode of
+    the same raw rows, repeats and every fp8 byte and scale included."""
+    assert kernels.available()
+    spec, g = table_dtype(dtype), torch.Generator().manual_seed(0)
+    raw = spec.encode(torch.randn(64, 256, generator=g) * torch.logspace(-30, 30, 64)[:, None])
+    if dtype == "fp8_e4m3":  # every e4m3 byte, NaNs included, under scales from 2**-127 to 2**112
+        raw[:, :256] = torch.arange(256, dtype=torch.uint8)
+        raw[:, 256:] = torch.arange(64 * 8, dtype=torch.int64).view(64, 8).to(torch.uint8) % 240
+    rows = torch.tensor([5, 0, 63, 5, 17])
+    got = kernels.gather_rows(raw, rows, compute_dtype)
+    torch.testing.assert_close(got, spec.decode(raw[rows], compute_dtype), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(IndexError, match=r"row ids must be in \[0, 64\), got 64"):
+        kernels.gather_rows(raw, torch.tensor([1, 64]), compute_dtype)
 
 
 def test_out_of_range_rows_and_bad_placement(ckpt_factory):

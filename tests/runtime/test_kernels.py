@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engram_runtime import kernels
+import engram_kernels as kernels
 from engram_runtime.engram import EngramLayer
 from engram_runtime.engram_config import EngramConfig
 from engram_runtime.model import AttentionInputs, DecodeInputs, apply_rope, decode_attention
@@ -80,6 +80,20 @@ def test_norms_and_silu_match_torch(dtype):
         torch.testing.assert_close(got, (gate * torch.sigmoid(gate) * up).to(dtype), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [None, torch.float32, torch.bfloat16])
+def test_small_linear_matches_float64(dtype, bias):
+    """Every row against float64 of the same (rounded) inputs; the output is float32 always."""
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(3, 1024, generator=g).to(dtype), torch.randn(1152, 1024, generator=g).to(dtype)
+    b = None if bias is None else torch.randn(1152, generator=g).to(bias)
+    want = x.double() @ w.double().T + (0 if b is None else b.double())
+    for m in (1, 3):
+        got = kernels.small_linear(x[:m], w, b)
+        assert got.dtype == torch.float32 and got.shape == (m, 1152)
+        torch.testing.assert_close(got.double(), want[:m], atol=1e-3, rtol=1e-4)
+
+
 def test_model_decodes_the_same_logits_with_and_without_kernels(runner, prompt_ids, monkeypatch):
     """Kernels on, then off as a user switches them off (ENGRAM_SERVE_NATIVE=0): the same
     prefill and decode step of two sequences give the same logits."""
@@ -89,12 +103,12 @@ def test_model_decodes_the_same_logits_with_and_without_kernels(runner, prompt_i
     logits = []
     for switch, inputs in (("1", DecodeInputs), ("0", AttentionInputs)):
         monkeypatch.setenv("ENGRAM_SERVE_NATIVE", switch)
-        kernels.available.cache_clear()
+        kernels.native.cache_clear()
         runner.forward(prefill)
         with torch.inference_mode():
             assert isinstance(runner.attention_inputs(decode)[1], inputs)
         logits.append(runner.forward(decode))
-    kernels.available.cache_clear()  # the next call sees the environment monkeypatch restores
+    kernels.native.cache_clear()  # the next call sees the environment monkeypatch restores
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
 
 
@@ -115,13 +129,13 @@ def test_engram_mix_kernel_matches_torch(monkeypatch):
         runs = []
         for switch in ("1", "0"):
             monkeypatch.setenv("ENGRAM_SERVE_NATIVE", switch)
-            kernels.available.cache_clear()
+            kernels.native.cache_clear()
             store = start.clone()
             outs, gates = [], []
             for t in range(5):
                 outs.append(layer.mix(hidden[:, t : t + 1], memory[:, t : t + 1], store, slots=slots))
                 gates.append(layer.last_gate)
             runs.append((torch.cat(outs, 1), torch.cat(gates, 1), store))
-    kernels.available.cache_clear()
+    kernels.native.cache_clear()
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

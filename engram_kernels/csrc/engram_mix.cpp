@@ -6,16 +6,16 @@
 // costs are most of Engram's time in a batch-1 decode step; tests compare the two.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
+#include "kernels.h"
 #include "vec_math.h"
 
-namespace {
+namespace engram_kernels {
 
 // hidden [B, hc, D]; memory [B, hc + 1, D] (per branch the projected key, then the value);
 // key_scale [hc, D] (applied to the normalised keys); state [slots, context, hc * D]
@@ -91,11 +91,4 @@ std::tuple<at::Tensor, at::Tensor> engram_mix(const at::Tensor& hidden, const at
   return {out, gate};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(engram_serve, m) {
-  m.def("engram_mix(Tensor hidden, Tensor memory, Tensor key_scale, Tensor(a!) state, Tensor slots, "
-        "Tensor norm_weight, Tensor taps, int dilation, float gate_eps, float conv_eps) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(engram_serve, CPU, m) { m.impl("engram_mix", engram_mix); }
+}  // namespace engram_kernels

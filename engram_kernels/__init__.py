@@ -7,6 +7,13 @@ csrc/ do each job in one pass: decode attention with RoPE and the KV-cache write
 RMSNorm (with the residual add before it) straight into the next matmul's dtype,
 SiLU-and-multiply, and an Engram layer's gate and short conv for a decode step.
 
+Engram's own per-step work is a few hundred microseconds of numpy and torch calls
+in a 20 ms batch-1 step, yet each call runs with cold caches (the backbone's
+270 MB of weights have just streamed through them) and costs 30-100 us instead
+of 2-10: the N-gram hash of every layer and a table's gather-and-decode are one
+call each here for that reason. The package sits outside engram_runtime because
+offload/ uses it too.
+
 They are compiled on first use (~20 s, once per machine, cached in torch's extension
 directory, shared by later processes) by torch's C++ extension builder with the
 system compiler. Without a compiler, with ENGRAM_SERVE_NATIVE=0, or where autograd
@@ -21,6 +28,7 @@ import logging
 import os
 import platform
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +36,9 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("decode_attention.cpp", "elementwise.cpp", "engram_mix.cpp")]
+SOURCES = [CSRC / name for name in (
+    "decode_attention.cpp", "elementwise.cpp", "engram_mix.cpp", "ngram_hash.cpp", "gather_rows.cpp", "small_linear.cpp",
+    "module.cpp")]
 # -ffast-math lets gcc vectorise expf (softmax, SiLU); inputs are finite activations
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 
@@ -52,20 +62,24 @@ def _cpu_flags() -> str:
 
 
 @functools.cache
-def available() -> bool:
-    """Builds (or loads the cached build of) the kernels; False if they cannot be used."""
+def native() -> ModuleType | None:
+    """The compiled kernels (built on first use, or loaded from torch's extension cache);
+    None if they cannot be used."""
     if os.environ.get("ENGRAM_SERVE_NATIVE", "1") == "0":
-        return False
+        return None
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("loading native kernels (the first build on a machine takes ~20 s)")
-        load(build_name(), [str(s) for s in SOURCES], extra_cflags=CFLAGS,
-             extra_ldflags=["-fopenmp"], is_python_module=False)
+        log.info("loading native kernels (the first build on a machine takes ~30 s)")
+        return load(build_name(), [str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, failed build: the torch path still works
         log.warning("native kernels unavailable, using torch ops instead: %s", e)
-        return False
-    return True
+        return None
+
+
+def available() -> bool:
+    """Whether the kernels are built (building them on the first call)."""
+    return native() is not None
 
 
 def enabled() -> bool:
@@ -79,13 +93,13 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     torch path builds AttentionInputs instead, see ModelRunner.attention_inputs).
     qkv [R, H + 2 KV, D] before RoPE, in the caches' dtype; cos/sin [R, D] float32
     -> [R, H, D] in the caches' dtype."""
-    return torch.ops.engram_serve.decode_attention(qkv, cos, sin, k_cache, v_cache, slots, positions)
+    return native().decode_attention(qkv, cos, sin, k_cache, v_cache, slots, positions)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """RMSNorm of float32 x with float32 weight, returned in `dtype` (the next matmul's)."""
     if enabled() and x.is_contiguous():
-        return torch.ops.engram_serve.rms_norm(x, weight, eps, dtype)
+        return native().rms_norm(x, weight, eps, dtype)
     return F.rms_norm(x, weight.shape, weight, eps).to(dtype)
 
 
@@ -94,7 +108,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     """(x + delta, rms_norm(x + delta)). The native kernel adds in place, so the caller
     must not use x afterwards, only the returned sum."""
     if enabled() and x.is_contiguous() and delta.is_contiguous():
-        return x, torch.ops.engram_serve.add_rms_norm_(x, delta, weight, eps, dtype)
+        return x, native().add_rms_norm_(x, delta, weight, eps, dtype)
     x = x + delta
     return x, rms_norm(x, weight, eps, dtype)
 
@@ -102,7 +116,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 def silu_and_mul(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] on the last dimension, in `dtype`."""
     if enabled() and gate_up.is_contiguous():
-        return torch.ops.engram_serve.silu_and_mul(gate_up, dtype)
+        return native().silu_and_mul(gate_up, dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     return (F.silu(gate) * up).to(dtype)
 
@@ -111,8 +125,29 @@ def engram_mix(hidden: torch.Tensor, memory: torch.Tensor, key_scale: torch.Tens
                slots: torch.Tensor, norm_weight: torch.Tensor, taps: torch.Tensor, dilation: int, gate_eps: float,
                conv_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """EngramLayer.mix for one new token per row (native only, see csrc/engram_mix.cpp), all
-    float32: hidden [B, hc, D], memory [B, hc + 1, D] -> (out [B, hc, D], gate [B, hc]);
-    rows `slots` of the conv state [slots, context, hc * D] advance by one position."""
-    return torch.ops.engram_serve.engram_mix(hidden.contiguous(), memory.contiguous(), key_scale.contiguous(),
-                                             state, slots, norm_weight.contiguous(), taps.contiguous(), dilation,
+    float32 and contiguous: hidden [B, hc, D], memory [B, hc + 1, D] -> (out [B, hc, D], gate
+    [B, hc]); rows `slots` of the conv state [slots, context, hc * D] advance by one position."""
+    return native().engram_mix(hidden, memory, key_scale, state, slots, norm_weight, taps, dilation,
                                              gate_eps, conv_eps)
+
+
+def ngram_rows(ids: torch.Tensor, lookup: torch.Tensor, pad: int, multipliers: torch.Tensor, primes: torch.Tensor,
+               offsets: torch.Tensor, skip: int) -> torch.Tensor:
+    """NgramHasher's row ids (native only; engram_runtime/hashing.py has the numpy path), all
+    int64: raw ids [B, W] -> [L, B, W - skip, (N - 1) * H], plus each head's `offsets` [L, (N-1)*H];
+    lookup [V] compresses ids, pad is the compressed id before the sequence start,
+    multipliers [L, N], primes [L, N - 1, H]. The first `skip` positions are context only."""
+    return native().ngram_rows(ids, lookup, pad, multipliers, primes, offsets, skip)
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """table[rows] decoded into `dtype` (float32 or bfloat16), new memory (native only;
+    offload/dtypes.py has the torch path). table: raw rows, float32, bfloat16 or fp8_e4m3
+    bytes; rows: int64 ids. Raises IndexError for an id outside the table."""
+    return native().gather_rows(table, rows, dtype)
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ weight [O, K].T + bias, float32 out, for a few rows (native only; see
+    csrc/small_linear.cpp). x, weight and bias float32 or bfloat16."""
+    return native().small_linear(x, weight, bias)

@@ -10,13 +10,14 @@
 // the output is float32 or bfloat16, the dtype of the matmul it feeds.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <vector>
 
+#include "kernels.h"
 #include "bf16.h"
 #include "vec_math.h"
 
+namespace engram_kernels {
 namespace {
 
 // Rows per parallel task: enough work per task that the thread hand-off stays small.
@@ -69,6 +70,8 @@ at::Tensor norm_dispatch(const at::Tensor& x, const delta_t* delta, const at::Te
   return out;
 }
 
+}  // namespace
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, at::ScalarType dtype) {
   check_norm_args(x, w);
   return norm_dispatch<float>(x, nullptr, w, eps, dtype);
@@ -82,6 +85,8 @@ at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& delta, const at:
   TORCH_CHECK(delta.scalar_type() == at::kBFloat16, "add_rms_norm_: delta must be float32 or bfloat16");
   return norm_dispatch(x, data_as<bf16>(delta), w, eps, dtype);
 }
+
+namespace {
 
 template <typename in_t, typename out_t>
 void silu_mul_rows(const in_t* in, int64_t rows, int64_t n, out_t* out) {
@@ -105,6 +110,8 @@ void silu_mul_dispatch(const at::Tensor& gate_up, int64_t rows, int64_t n, at::T
     silu_mul_rows(data_as<in_t>(gate_up), rows, n, data_as<bf16>(out));
 }
 
+}  // namespace
+
 at::Tensor silu_and_mul(const at::Tensor& gate_up, at::ScalarType dtype) {
   TORCH_CHECK(gate_up.is_contiguous() && gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
               "silu_and_mul: gate_up must be contiguous with an even last dimension");
@@ -121,16 +128,4 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up, at::ScalarType dtype) {
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(engram_serve, m) {
-  m.def("rms_norm(Tensor x, Tensor w, float eps, ScalarType dtype) -> Tensor");
-  m.def("add_rms_norm_(Tensor(a!) x, Tensor delta, Tensor w, float eps, ScalarType dtype) -> Tensor");
-  m.def("silu_and_mul(Tensor gate_up, ScalarType dtype) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(engram_serve, CPU, m) {
-  m.impl("rms_norm", rms_norm);
-  m.impl("add_rms_norm_", add_rms_norm_);
-  m.impl("silu_and_mul", silu_and_mul);
-}
+}  // namespace engram_kernels

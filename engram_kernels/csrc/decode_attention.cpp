@@ -15,15 +15,16 @@
 // (positions past a row's length are never read, so there is no -inf mask).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
 #include <vector>
 
+#include "kernels.h"
 #include "bf16.h"
 
+namespace engram_kernels {
 namespace {
 
 template <typename cache_t>
@@ -125,6 +126,8 @@ void attend_any_head_dim(const Dims& d, int64_t rows, const scalar_t* qkv, const
   }
 }
 
+}  // namespace
+
 // qkv [R, H + 2 KV, D]: query heads, then key heads, then value heads, before RoPE.
 // cos, sin [R, D] float32: each row's RoPE factors (sin signed, see rope_tables in model.py).
 // k_cache, v_cache [slots, KV, max_len, D]; slots, positions [R]. Returns [R, H, D].
@@ -164,11 +167,4 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY(engram_serve, m) {
-  m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor slots, Tensor positions) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(engram_serve, CPU, m) { m.impl("decode_attention", decode_attention); }
+}  // namespace engram_kernels
