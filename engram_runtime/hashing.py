@@ -107,8 +107,11 @@ class NgramHasher:
         # Stacked forms for the vectorised kernel: [L, N] multipliers, [L, N-1, H] primes.
         self._mult = np.stack([self.multipliers[lid] for lid in cfg.layer_ids])
         self._primes = np.array([self.table_sizes[lid] for lid in cfg.layer_ids], dtype=np.int64)
-        self._head_offsets = np.stack([self.head_offsets[lid] for lid in cfg.layer_ids])  # [L, (N-1)*H]
+        head_offsets = np.stack([self.head_offsets[lid] for lid in cfg.layer_ids])  # [L, (N-1)*H]
+        self._offsets = {False: np.zeros_like(head_offsets), True: head_offsets}  # by global_ids
+        # the native kernel's tensors, made once: from_numpy per call is a cold call per step
         self._native_args = [torch.from_numpy(a) for a in (ct.lookup_table, self._mult, self._primes)]
+        self._native_offsets = {k: torch.from_numpy(v) for k, v in self._offsets.items()}
 
     def _rows(self, shifted: np.ndarray) -> dict[int, np.ndarray]:
         """shifted[k] holds the compressed id k positions back ([N, B, T]) -> {layer: [B, T, heads_total]}."""
@@ -131,12 +134,12 @@ class NgramHasher:
             raise ValueError(f"NgramHasher.hash expects token ids of shape [B, T], got {ids.shape}")
         if not 0 <= context <= ids.shape[1]:
             raise ValueError(f"NgramHasher.hash: context {context} outside the {ids.shape[1]} positions")
-        offsets = self._head_offsets if global_ids else np.zeros_like(self._head_offsets)
         if kernels.available():
             rows = kernels.ngram_rows(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
                                       self._native_args[0], self.compressed_pad_id, *self._native_args[1:],
-                                      torch.from_numpy(offsets), context).numpy()
+                                      self._native_offsets[global_ids], context).numpy()
             return dict(zip(self.cfg.layer_ids, rows))
+        offsets = self._offsets[global_ids]
         c = self.ct(ids)
         n = self.cfg.max_ngram_size
         b, t = c.shape
