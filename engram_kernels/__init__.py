@@ -8,17 +8,19 @@ RMSNorm (with the residual add before it) straight into the next matmul's dtype,
 SiLU-and-multiply, and an Engram layer's gate and short conv for a decode step.
 
 Engram's own per-step work is a few hundred microseconds of numpy and torch calls
-in a 20 ms batch-1 step, yet each call runs with cold caches (the backbone's
+in a 15 ms batch-1 step, yet each call runs with cold caches (the backbone's
 270 MB of weights have just streamed through them) and costs 30-100 us instead
-of 2-10: the N-gram hash of every layer and a table's gather-and-decode are one
-call each here for that reason. The package sits outside engram_runtime because
-offload/ uses it too.
+of 2-10: the N-gram hash of every layer, a table's gather-and-decode and the
+projection of a batch-1 step's rows are one call each here for that reason, and
+the module is plain pybind11 (csrc/module.cpp says why). The package sits outside
+engram_runtime because offload/ uses it too.
 
-They are compiled on first use (~20 s, once per machine, cached in torch's extension
-directory, shared by later processes) by torch's C++ extension builder with the
-system compiler. Without a compiler, with ENGRAM_SERVE_NATIVE=0, or where autograd
-is recording (training: the kernels have no backward), every function here runs its
-torch equivalent instead; tests/runtime/test_kernels.py checks the two agree.
+They are compiled on first use (~45 s, once per machine and checkout, cached in
+torch's extension directory, shared by later processes) by torch's C++ extension
+builder with the system compiler. Without a compiler, with ENGRAM_SERVE_NATIVE=0,
+or where autograd is recording (training: the kernels have no backward), every
+function here runs its torch (or numpy) equivalent instead; the tests check that
+the two agree.
 """
 from __future__ import annotations
 

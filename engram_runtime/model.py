@@ -4,7 +4,7 @@ The forward works on a padded batch [B, T] where row b holds tokens at absolute
 positions `positions[b]` of the sequence living in KV-cache slot `slots[b]`. The
 same code runs prefill (T = prompt chunk), decode (T = 1) and mixed lengths; the
 caller (model_runner) builds positions, the attention mask and the cache view, or,
-for a decode step on the fused kernels (kernels.py), just slots and positions.
+for a decode step on the fused kernels (engram_kernels), just slots and positions.
 
 Q/K/V and gate/up are fused into single matmuls (fewer, larger GEMMs: on a
 2-core CPU the per-op overhead is a visible share of a decode step).
@@ -57,7 +57,7 @@ class AttentionInputs:
 @dataclass
 class DecodeInputs:
     """A step where every row is one new token, for the fused decode kernel
-    (engram_runtime/kernels.py), which writes K/V and masks by position itself.
+    (engram_kernels), which writes K/V and masks by position itself.
     slots, positions [B] int64; cos, sin [B, head_dim] float32 (rows of rope_tables)."""
 
     slots: torch.Tensor

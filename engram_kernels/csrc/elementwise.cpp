@@ -1,6 +1,6 @@
 // The decoder block's elementwise steps, each one pass over memory instead of the 4-7
 // torch ops (and a dtype cast) they take otherwise; their torch equivalents are in
-// engram_runtime/kernels.py, which the tests compare them with.
+// engram_kernels/__init__.py, which the tests compare them with.
 //
 //   rms_norm(x, w, eps, dtype)            x * rsqrt(mean(x^2) + eps) * w, stored in dtype
 //   add_rms_norm_(x, delta, w, eps, dtype) x += delta (in place), then rms_norm(x, ...)

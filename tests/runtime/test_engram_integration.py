@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import engram_kernels as kernels
 from engram_runtime.checkpoint import default_config, init_checkpoint
 from engram_runtime.engine import EngineConfig, LLMEngine
 from engram_runtime.llm import LLM
@@ -74,6 +75,26 @@ def test_random_values_full_incremental_and_batched_agree(random_values, runner,
         step = logits(engine, [a, b], [Row(2, [a[20 + i]], 20 + i), Row(3, [b[7 + i]], 7 + i)])
         assert (step[0] - full_a[20 + i]).abs().max().item() <= 1e-4
         assert (step[1] - full_b[7 + i]).abs().max().item() <= 1e-4
+
+
+def test_decode_steps_on_the_kernels_equal_the_torch_path(random_values, prompt_ids, monkeypatch):
+    """A decode step through EngramLayer.decode_step (the hook's path on the native kernels)
+    gives the logits and per-row gates of mix() on torch ops."""
+    engine = random_values
+    a, b = prompt_ids[3][:8], prompt_ids[2][:5]
+    runs = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(kernels, "available", lambda: False)
+        logits(engine, [a, b], [Row(2, a[:7], 0), Row(3, b[:4], 0)])  # fresh conv states
+        rows = [Row(2, [a[7]], 7), Row(3, [b[4]], 4)]
+        hook = engine.engram.step_hook([a, b], rows)
+        runs.append((engine.runner.forward(rows, hook), [hook.gates(0), hook.gates(1)]))
+    (got, got_gates), (want, want_gates) = runs
+    assert (got - want).abs().max().item() <= 1e-4
+    for g, w in zip(got_gates, want_gates):
+        assert g.keys() == w.keys() == {1, 15}
+        assert all(abs(g[lid] - w[lid]) <= 1e-5 for lid in g)
 
 
 def test_engram_engine_batches_like_alone_and_reports_gates(engram_dir, loaded_model, prompt_ids):
