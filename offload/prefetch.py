@@ -8,8 +8,9 @@ records that layer's event. ``Ticket.wait(layer)`` blocks only if that event is 
 
 Why rows never leak between steps: every ticket's result is a fresh tensor (dequantisation
 writes new memory), the staging buffers are a ring of two per table guarded by events, and the
-row ids are copied at submit (or handed over, see submit's global_ids), so neither a later step nor a caller reusing its arrays can
-change what an earlier ticket returns, whatever sequences join or leave the batch.
+row ids are copied at submit (or handed over, see submit's global_ids), so neither a later step
+nor a caller reusing its arrays can change what an earlier ticket returns, whatever sequences
+join or leave the batch.
 
 ``transform(layer_id, rows)``, when given, runs on the worker right after a layer's gather and
 its result is what ``wait()`` returns: the Engram layer's token-only half (key and value
