@@ -197,14 +197,14 @@ class EngramLayer(nn.Module):
         if g != self.hc_mult or d != self.hidden_size:
             raise ValueError(f"EngramLayer {self.layer_id}: hidden_states must be [B, T, {self.hc_mult}, "
                              f"{self.hidden_size}], got {tuple(hidden_states.shape)}")
-        conv = self.short_conv
-        weights = conv.frozen or conv.weights()
-        key_scale = self.key_scale if self.key_scale is not None else self._key_scale()
         if t == 1 and conv_state is not None and slots is not None and kernels.enabled():  # a decode step
             out = self.decode_step(hidden_states.reshape(b, g, d).contiguous(),
                                    memory.reshape(b, g + 1, d).contiguous(), conv_state, slots)
             self.last_gate = self.last_gate.view(b, t, g)
             return out.view(b, t, g, d)
+        conv = self.short_conv
+        weights = conv.frozen or conv.weights()
+        key_scale = self.key_scale if self.key_scale is not None else self._key_scale()
         left = conv.left_context(b, conv_state, slots)
         out, full, gate = _gated_conv(hidden_states, memory, key_scale, left, *weights, conv.dilation)
         if conv_state is not None:
