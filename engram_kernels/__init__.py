@@ -72,7 +72,7 @@ def native() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("loading native kernels (the first build on a machine takes ~30 s)")
+        log.info("loading native kernels (the first build on a machine takes ~45 s)")
         return load(build_name(), [str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, failed build: the torch path still works
         log.warning("native kernels unavailable, using torch ops instead: %s", e)
@@ -129,8 +129,8 @@ def engram_mix(hidden: torch.Tensor, memory: torch.Tensor, key_scale: torch.Tens
     """EngramLayer.mix for one new token per row (native only, see csrc/engram_mix.cpp), all
     float32 and contiguous: hidden [B, hc, D], memory [B, hc + 1, D] -> (out [B, hc, D], gate
     [B, hc]); rows `slots` of the conv state [slots, context, hc * D] advance by one position."""
-    return native().engram_mix(hidden, memory, key_scale, state, slots, norm_weight, taps, dilation,
-                                             gate_eps, conv_eps)
+    return native().engram_mix(hidden, memory, key_scale, state, slots, norm_weight, taps, dilation, gate_eps,
+                               conv_eps)
 
 
 def ngram_rows(ids: torch.Tensor, lookup: torch.Tensor, pad: int, multipliers: torch.Tensor, primes: torch.Tensor,

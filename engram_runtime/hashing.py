@@ -110,8 +110,9 @@ class NgramHasher:
         head_offsets = np.stack([self.head_offsets[lid] for lid in cfg.layer_ids])  # [L, (N-1)*H]
         self._offsets = {False: np.zeros_like(head_offsets), True: head_offsets}  # by global_ids
         # the native kernel's tensors, made once: from_numpy per call is a cold call per step
-        self._native_args = [torch.from_numpy(a) for a in (ct.lookup_table, self._mult, self._primes)]
-        self._native_offsets = {k: torch.from_numpy(v) for k, v in self._offsets.items()}
+        self._lookup_t = torch.from_numpy(ct.lookup_table)
+        self._mult_t, self._primes_t = torch.from_numpy(self._mult), torch.from_numpy(self._primes)
+        self._offsets_t = {k: torch.from_numpy(v) for k, v in self._offsets.items()}
 
     def _rows(self, shifted: np.ndarray) -> dict[int, np.ndarray]:
         """shifted[k] holds the compressed id k positions back ([N, B, T]) -> {layer: [B, T, heads_total]}."""
@@ -135,9 +136,9 @@ class NgramHasher:
         if not 0 <= context <= ids.shape[1]:
             raise ValueError(f"NgramHasher.hash: context {context} outside the {ids.shape[1]} positions")
         if kernels.available():
-            rows = kernels.ngram_rows(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
-                                      self._native_args[0], self.compressed_pad_id, *self._native_args[1:],
-                                      self._native_offsets[global_ids], context).numpy()
+            rows = kernels.ngram_rows(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), self._lookup_t,
+                                      self.compressed_pad_id, self._mult_t, self._primes_t,
+                                      self._offsets_t[global_ids], context).numpy()
             return dict(zip(self.cfg.layer_ids, rows))
         offsets = self._offsets[global_ids]
         c = self.ct(ids)

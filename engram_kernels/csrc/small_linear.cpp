@@ -8,8 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <vector>
-
 #include "kernels.h"
 #include "bf16.h"
 
