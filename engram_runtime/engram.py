@@ -22,10 +22,6 @@ from .model import PackedLinear
 _GATE_NORM_EPS = None
 _CONV_NORM_EPS = 1e-5
 _FLOAT32_EPS = torch.finfo(torch.float32).eps  # what _GATE_NORM_EPS = None means for the float32 kernel
-# Up to this many rows (a decode step at batch 1-2) the projection is a read of its weight, and
-# the native kernel's is 2x faster than a oneDNN call when the caches are cold (mid-forward):
-# 118 against 267 us at one row, even at four, and slower above (engram_kernels.small_linear).
-_SMALL_LINEAR_ROWS = 2
 
 
 def _gated_conv(hidden: torch.Tensor, memory: torch.Tensor, key_scale: torch.Tensor, left: torch.Tensor,
@@ -182,7 +178,10 @@ class EngramLayer(nn.Module):
         dtype = self.value_proj.weight.dtype
         proj = self.fused_proj
         if proj is not None:
-            if emb.dim() == 2 and len(emb) <= _SMALL_LINEAR_ROWS and dtype == torch.float32 and kernels.enabled():
+            # a decode step's rows: the native prefetch worker's kernel, for the same bits (see
+            # engram_kernels.SMALL_LINEAR_MAX_ROWS)
+            if emb.dim() == 2 and len(emb) <= kernels.SMALL_LINEAR_MAX_ROWS and dtype == torch.float32 \
+                    and kernels.enabled():
                 return kernels.small_linear(emb, proj.weight, proj.bias).unflatten(-1, (g + 1, d))
             return proj(emb).to(dtype).unflatten(-1, (g + 1, d))
         return torch.stack([proj(emb.to(dtype)) for proj in (*self.key_projs, self.value_proj)], dim=-2)

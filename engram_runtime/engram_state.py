@@ -20,7 +20,7 @@ from engram_runtime.compression import CompressedTokenizer
 from engram_runtime.engram import EngramLayer
 from engram_runtime.hashing import NgramHasher
 from engram_runtime.model_runner import ModelRunner, Row
-from offload.prefetch import Prefetcher, Ticket
+from offload.prefetch import Prefetcher, Projection, Ticket
 from offload.store import TableSet
 
 
@@ -69,7 +69,8 @@ class EngramRuntime:
         self.layers, self.hasher, self.tables = layers, hasher, tables
         for layer in layers.values():
             layer.prepare_for_inference(runner.dtype)
-        self.prefetcher = Prefetcher(tables, head_offsets, enabled=prefetch, transform=self._memory)
+        self.prefetcher = Prefetcher(tables, head_offsets, enabled=prefetch, transform=self._memory,
+                                     projection=self._projection)
         self.layer_ids = sorted(layers)
         self.table_stats = tables.stats
         self.ngram = hasher.cfg.max_ngram_size
@@ -102,6 +103,12 @@ class EngramRuntime:
     def _memory(self, layer_id: int, rows: torch.Tensor) -> torch.Tensor:
         """The prefetcher's transform: the layer's token-only half (EngramLayer.memory) of its rows."""
         return self.layers[layer_id].memory(rows)
+
+    def _projection(self, layer_id: int) -> Projection:
+        """_memory as the native prefetch worker applies it: the layer's fused key and value weights."""
+        layer = self.layers[layer_id]
+        proj = layer.fused_proj
+        return Projection(proj.weight, proj.bias, (layer.hc_mult + 1, layer.hidden_size))
 
     def step_rows(self, token_ids: list[list[int]], rows: list[Row]) -> dict[int, np.ndarray]:
         """Global row ids [B*T, heads_total] per layer for the (right-padded) batch of `rows`;

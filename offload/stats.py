@@ -18,6 +18,7 @@ import numpy as np
 Observer = Callable[[str, int, float], None]
 _WINDOW = 4096
 _TOUCH_BATCH = 256
+_LATER_BATCH = 256  # record_later()'s entries recorded at once, if no reader came first
 
 
 @dataclass
@@ -60,6 +61,19 @@ class LayerStats:
         self.touched_bits[byte_idx[starts]] |= np.bitwise_or.reduceat(masks, starts)
 
 
+@dataclass(frozen=True)
+class Gather:
+    """One gather of a layer's rows, for TableStats.record_step (see record_gather)."""
+
+    layer_id: int
+    lookups: int
+    cache_hits: int
+    rows: np.ndarray
+    rows_gathered: int
+    bytes_gathered: int
+    seconds: float
+
+
 def _percentile(values: deque, q: float) -> float | None:
     return float(np.percentile(np.fromiter(values, float), q)) if values else None
 
@@ -71,6 +85,7 @@ class TableStats:
         self._lock = threading.Lock()
         self._layers: dict[int, LayerStats] = {}
         self._observers: list[Observer] = []
+        self._later: list[tuple[Callable[[], list[Gather]], list[tuple[int, float]]]] = []
 
     def add_layer(self, layer_id: int, num_rows: int, table_bytes: dict[str, int]) -> None:
         with self._lock:
@@ -86,34 +101,60 @@ class TableStats:
         """rows: the row ids the gather touched, any order, repeats allowed. They are marked in the
         utilisation bitmap in batches (at the next snapshot, or every _TOUCH_BATCH gathers), which
         keeps a batch-1 gather's cost to a list append instead of a dozen numpy calls."""
-        with self._lock:
-            s = self._layers[layer_id]
-            s.lookups += lookups
-            s.cache_hits += cache_hits
-            s.rows_gathered += rows_gathered
-            s.bytes_gathered += bytes_gathered
-            s.gathers += 1
-            s.gather_seconds_total += seconds
-            s.recent_gather.append(seconds)
-            s.untouched.append(rows)
-            if len(s.untouched) >= _TOUCH_BATCH:
-                s.touch_pending()
-            observers = list(self._observers)
-        for fn in observers:
-            fn("gather", layer_id, seconds)
+        self.record_step([Gather(layer_id, lookups, cache_hits, rows, rows_gathered, bytes_gathered, seconds)], [])
 
     def record_wait(self, layer_id: int, seconds: float) -> None:
+        self.record_step([], [(layer_id, seconds)])
+
+    def record_step(self, gathers: list[Gather], waits: list[tuple[int, float]]) -> None:
+        """Several gathers and waits (layer_id, seconds) at once: a step's, in one call (mid-forward,
+        each Python call costs tens of microseconds)."""
         with self._lock:
-            s = self._layers[layer_id]
-            s.waits += 1
-            s.wait_seconds_total += seconds
-            s.recent_wait.append(seconds)
+            for g in gathers:
+                s = self._layers[g.layer_id]
+                s.lookups += g.lookups
+                s.cache_hits += g.cache_hits
+                s.rows_gathered += g.rows_gathered
+                s.bytes_gathered += g.bytes_gathered
+                s.gathers += 1
+                s.gather_seconds_total += g.seconds
+                s.recent_gather.append(g.seconds)
+                s.untouched.append(g.rows)
+                if len(s.untouched) >= _TOUCH_BATCH:
+                    s.touch_pending()
+            for layer_id, seconds in waits:
+                s = self._layers[layer_id]
+                s.waits += 1
+                s.wait_seconds_total += seconds
+                s.recent_wait.append(seconds)
             observers = list(self._observers)
         for fn in observers:
-            fn("wait", layer_id, seconds)
+            for g in gathers:
+                fn("gather", g.layer_id, g.seconds)
+            for layer_id, seconds in waits:
+                fn("wait", layer_id, seconds)
+
+    def record_later(self, gathers: Callable[[], list[Gather]], waits: list[tuple[int, float]]) -> None:
+        """record_step(gathers(), waits) for a hot path: kept as is until a reader wants the
+        figures (snapshot(), flush()), or until _LATER_BATCH of them are pending. The engine thread
+        records a step's native gathers this way: mid-forward, building and recording them cost
+        ~0.1 ms of a 14 ms batch-1 step, and the observers (the server's histograms) more."""
+        with self._lock:
+            self._later.append((gathers, waits))
+            full = len(self._later) >= _LATER_BATCH
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Record what record_later() kept; observers see it now."""
+        with self._lock:
+            later, self._later = self._later, []
+        for gathers, waits in later:
+            self.record_step(gathers(), waits)
 
     def snapshot(self) -> dict:
         """{layer_id: {...counters, rows_touched_ratio, table_bytes, gather/wait p50/p99}} (a copy)."""
+        self.flush()
         with self._lock:
             for s in self._layers.values():
                 s.touch_pending()

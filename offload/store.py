@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 import engram_kernels as kernels
 from offload.cache import CacheConfig, RowCache
 from offload.device import ComputeDevice, as_numpy, put_rows, take_rows
-from offload.stats import TableStats
+from offload.stats import Gather, TableStats
 from offload.tablefile import TableFileError, TableHeader, check_table, map_rows, read_header
 
 PLACEMENTS = ("device", "host", "mmap")
@@ -69,7 +69,8 @@ class EngramTable:
         else:
             self._tier = self._load(progress)
         self.cache = self._make_cache(cache)
-        self._native = (self._tier is not None and not device.is_cuda and self.cache is None
+        # gathered by one native call (and by the native prefetch worker): CPU memory, no cache
+        self.native = (self._tier is not None and not device.is_cuda and self.cache is None
                         and compute_dtype in (torch.float32, torch.bfloat16) and kernels.available())
         table_bytes = {placement: header.file_nbytes - header.data_offset}
         if self.cache is not None:
@@ -184,24 +185,37 @@ class EngramTable:
         """GLOBAL row ids (any shape) -> [n, head_dim] in compute dtype on the compute device."""
         rows = np.array(row_ids, dtype=np.int64).reshape(-1)  # our own copy: stats keep it a while
         t0 = time.perf_counter()
-        if self._native:
+        if self.native:
             out, hits, touched, missed = self._gather_native(rows), 0, rows, rows
         else:
             out, hits, touched, missed = self._gather_staged(rows)
-        self.stats.record_gather(self.layer_id, lookups=int(rows.size), cache_hits=hits, rows=touched,
-                                 rows_gathered=len(missed), bytes_gathered=len(missed) * self.header.row_bytes,
-                                 seconds=time.perf_counter() - t0)
+        self.stats.record_step([self.gathered(rows, time.perf_counter() - t0, hits, touched, missed)], [])
         return out
 
+    def gathered(self, rows: np.ndarray, seconds: float, cache_hits: int = 0, touched: np.ndarray | None = None,
+                 missed: np.ndarray | None = None) -> Gather:
+        """One gather of `rows` (any shape; kept by the statistics, so not to be changed later) as
+        the table statistics record it: by default every row was read from the tier, as the native
+        gather does."""
+        rows = rows.reshape(-1)
+        touched = rows if touched is None else touched
+        missed = rows if missed is None else missed
+        return Gather(self.layer_id, lookups=int(rows.size), cache_hits=cache_hits, rows=touched,
+                      rows_gathered=len(missed), bytes_gathered=len(missed) * self.header.row_bytes, seconds=seconds)
+
+    def row_error(self, error: IndexError) -> IndexError:
+        """The native gather's error for a row id outside the table, naming the layer and file."""
+        return IndexError(f"layer {self.layer_id}: {error} for table {self.header.path}")
+
     def _gather_native(self, rows: np.ndarray) -> torch.Tensor:
-        """A table in CPU memory without a cache: one native call gathers and decodes the rows as
-        requested, repeats included. A batch-1 step spends more time in each numpy call than in
-        the copy, and the staging ring, events and deduplication of the other paths serve only
-        a device copy or a slower tier, neither of which is here."""
+        """A table in CPU memory without a cache (self.native): one native call gathers and decodes
+        the rows as requested, repeats included. A batch-1 step spends more time in each numpy call
+        than in the copy, and the staging ring, events and deduplication of the other paths serve
+        only a device copy or a slower tier, neither of which is here."""
         try:
             return kernels.gather_rows(self._tier, torch.from_numpy(rows), self.compute_dtype)
         except IndexError as e:
-            raise IndexError(f"layer {self.layer_id}: {e} for table {self.header.path}") from None
+            raise self.row_error(e) from None
 
     def _gather_staged(self, rows: np.ndarray) -> tuple[torch.Tensor, int, np.ndarray, np.ndarray]:
         """Through a staging buffer and, for mmap or a cache, deduplicated: (rows in compute dtype,

@@ -175,6 +175,13 @@ class EngineClient:
     def _engine_stats(self):
         return self.engine.stats() if self.engine is not None else None
 
+    def flush_table_stats(self) -> None:
+        """Record the table statistics the engine keeps for later (TableStats.record_later), so that
+        a scrape's histograms include them."""
+        stats = self.engine.table_stats if self.engine is not None else None
+        if stats is not None:
+            stats.flush()
+
     def _table_snapshot(self) -> dict | None:
         stats = self.engine.table_stats if self.engine is not None else None
         return stats.snapshot() if stats is not None else None

@@ -25,5 +25,6 @@ at::Tensor ngram_rows(const at::Tensor& ids, const at::Tensor& lookup, int64_t p
                       const at::Tensor& primes, const at::Tensor& offsets, int64_t skip);
 at::Tensor gather_rows(const at::Tensor& table, const at::Tensor& rows, at::ScalarType out_dtype);
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool parallel);
 
 }  // namespace engram_kernels

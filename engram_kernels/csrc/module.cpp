@@ -7,6 +7,14 @@
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "row_prefetch.h"
+
+namespace {
+
+using Job = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::vector<int64_t>,
+                       at::ScalarType, at::Tensor>;
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
@@ -18,4 +26,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ngram_rows", &engram_kernels::ngram_rows, nogil);
   m.def("gather_rows", &engram_kernels::gather_rows, nogil);
   m.def("small_linear", &engram_kernels::small_linear, nogil);
+
+  using engram_kernels::PrefetchTicket, engram_kernels::RowPrefetcher;
+  pybind11::class_<PrefetchTicket, std::shared_ptr<PrefetchTicket>>(m, "PrefetchTicket")
+      .def("wait", &PrefetchTicket::wait, nogil);
+  pybind11::class_<RowPrefetcher>(m, "RowPrefetcher")
+      .def(pybind11::init<>())
+      .def("submit",  // jobs: (table, weight | None, bias | None, result shape, dtype, rows) per layer
+           [](RowPrefetcher& self, const std::vector<Job>& jobs) {
+             std::vector<engram_kernels::PrefetchJob> native;
+             native.reserve(jobs.size());
+             for (const auto& [table, weight, bias, shape, dtype, rows] : jobs)
+               native.push_back({table, rows, weight, bias, shape, dtype});
+             return self.submit(std::move(native));
+           })
+      .def("close", &RowPrefetcher::close, nogil);
 }
