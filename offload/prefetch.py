@@ -54,7 +54,8 @@ Transform = Callable[[int, torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class Projection:
     """A transform that is a linear map, as data the native worker can apply: a layer's rows
-    [tokens, heads, head_dim] -> (rows.flatten(1) @ weight.T + bias).view(tokens, *shape), float32.
+    [tokens, heads, head_dim] in the tables' compute dtype -> (rows.flatten(1) @ weight.T +
+    bias).view(tokens, *shape), float32 (engram_kernels.small_linear's arithmetic).
     weight [O, heads * head_dim] and bias [O], float32 or bfloat16, contiguous."""
 
     weight: torch.Tensor
@@ -203,7 +204,7 @@ class Prefetcher:
         if self.projection is None:
             return table.resident, None, None, [-1, len(self._head_sizes[layer_id]), table.head_dim], table.compute_dtype
         p = self.projection(layer_id)
-        return table.resident, p.weight, p.bias, [-1, *p.shape], torch.float32
+        return table.resident, p.weight, p.bias, [-1, *p.shape], table.compute_dtype
 
     @property
     def worker_alive(self) -> bool:

@@ -33,7 +33,7 @@ void PrefetchTicket::run() {
     try {
       if (job.weight.has_value()) {
         TORCH_CHECK(job.rows.dim() == 2, "rows to project must be [tokens, heads]");
-        const at::Tensor rows = gather_rows(job.table, job.rows, at::kFloat).view({job.rows.size(0), -1});
+        const at::Tensor rows = gather_rows(job.table, job.rows, job.dtype).view({job.rows.size(0), -1});
         out = linear_rows(rows, *job.weight, job.bias.value_or(at::Tensor()), /*parallel=*/false);
       } else {
         out = gather_rows(job.table, job.rows, job.dtype);

@@ -22,7 +22,7 @@ struct PrefetchJob {
   at::Tensor table, rows;
   std::optional<at::Tensor> weight, bias;
   std::vector<int64_t> shape;
-  at::ScalarType dtype;  // of the gathered rows when there is no projection (a projection is float32)
+  at::ScalarType dtype;  // the rows are decoded into it (then projected in float32)
 };
 
 // One engine step's jobs, run in order by the worker; wait(i) blocks until job i is done.

@@ -1,10 +1,11 @@
 // x @ weight.T + bias for a matmul of a few rows, with float32 accumulation and output:
-// an Engram layer's key and value projections of its gathered rows in a decode step at
-// small batch (engram_runtime/engram.py, EngramLayer.memory; PackedLinear, oneDNN's
-// prepacked matmul, is the torch path the tests compare it with). With so few rows the
-// matmul is a read of the weight, and a cold oneDNN call (the backbone's weights have
-// just left the caches) costs more than that read; this is the read, vectorised, with
-// the bias and the cast to float32 folded in.
+// an Engram layer's key and value projections of its gathered rows in a decode step
+// (engram_runtime/engram.py, EngramLayer.memory, and the native prefetch worker,
+// row_prefetch.cpp, which must give the same bits; PackedLinear, oneDNN's prepacked matmul,
+// is the torch path the tests compare it with). With few rows the matmul is a read of the
+// weight, and a cold oneDNN call (the backbone's weights have just left the caches) costs
+// more than that read; this is the read, vectorised, with the bias and the cast to float32
+// folded in, and each weight value used for four rows of x at a time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 

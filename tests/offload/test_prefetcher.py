@@ -1,4 +1,5 @@
-"""Prefetcher: rows never cross steps or sequences; worker errors surface in wait()."""
+"""Prefetcher: rows never cross steps or sequences; worker errors surface in wait(); the native
+worker returns what the Python worker does."""
 import os
 import threading
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from offload.prefetch import PrefetchError, Prefetcher
+import engram_kernels as kernels
+from offload.prefetch import NativeTicket, PrefetchError, Prefetcher, Projection, WorkerTicket
 from offload.store import TableSet
 
 
@@ -117,3 +119,59 @@ def test_transform_runs_where_the_gather_runs_and_its_errors_surface_in_wait(ckp
             ticket.wait(15)
         assert prefetcher.worker_alive == enabled
     assert ran_on == ["engram-prefetch" if enabled else "MainThread"] * 2
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the native kernels")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "fp8_e4m3"])
+def test_native_worker_returns_the_python_workers_bits(ckpt_factory, dtype):
+    """Tables in RAM: decode-size steps go to the native worker, larger ones to the Python worker;
+    gathered rows and their projection come out bit for bit as the Python path makes them, and
+    the statistics count both workers' gathers and waits."""
+    ckpt = ckpt_factory(dtype=dtype)
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement="host", compute_dtype=torch.bfloat16, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    weights = {layer: (torch.randn(2 * 8, 4 * 64, generator=gen).bfloat16(), torch.randn(16, generator=gen).bfloat16())
+               for layer in (1, 15)}
+
+    def transform(layer_id: int, rows: torch.Tensor) -> torch.Tensor:  # EngramLayer.memory's decode path
+        return kernels.small_linear(rows.flatten(1), *weights[layer_id]).unflatten(-1, (2, 8))
+
+    def projection(layer_id: int) -> Projection:
+        return Projection(*weights[layer_id], (2, 8))
+
+    rng = np.random.default_rng(0)
+    lookups = 0
+    for transform_, projection_ in ((None, None), (transform, projection)):
+        with Prefetcher(tables, ckpt.head_offsets, transform=transform_, projection=projection_) as prefetcher:
+            for tokens, kind in ((1, NativeTicket), (kernels.SMALL_LINEAR_MAX_ROWS, NativeTicket),
+                                 (kernels.SMALL_LINEAR_MAX_ROWS + 1, WorkerTicket)):
+                rows = {layer: rng.integers(0, 100, (tokens, 4)) for layer in (1, 15)}
+                ticket = prefetcher.submit(rows)
+                assert type(ticket) is kind
+                for layer in (1, 15):
+                    gathered = tables[layer].gather(rows[layer] + ckpt.head_offsets[layer]).view(tokens, 4, 64)
+                    want = gathered if transform_ is None else transform(layer, gathered)
+                    assert torch.equal(ticket.wait(layer), want)
+                lookups += tokens * 4 * 2  # the ticket's and the reference gather's
+    stats = tables.stats.snapshot()
+    assert stats[1]["lookups"] == stats[15]["lookups"] == lookups
+    assert stats[1]["waits"] == stats[15]["waits"] == 6
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the native kernels")
+def test_native_worker_bad_row_is_a_clear_error_and_later_steps_still_run(ckpt_factory):
+    ckpt = ckpt_factory()
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement="host", progress=False)
+    with Prefetcher(tables, ckpt.head_offsets) as prefetcher:
+        num_rows = tables[15].num_rows
+        ticket = prefetcher.submit({1: np.zeros((1, 4), np.int64), 15: np.full((1, 4), num_rows, np.int64)},
+                                   global_ids=True)
+        assert type(ticket) is NativeTicket
+        assert ticket.wait(1).shape == (1, 4, 64)
+        path = ckpt.path / ckpt.tables["15"]["file"]
+        with pytest.raises(PrefetchError, match=rf"layer 15.*row ids must be in \[0, {num_rows}\), got {num_rows} "
+                                                rf"for table {path}"):
+            ticket.wait(15)
+        ticket = prefetcher.submit({1: np.ones((2, 4), np.int64), 15: np.ones((2, 4), np.int64)})
+        assert torch.equal(ticket.wait(15)[..., 0], torch.from_numpy(ckpt.values[15][ckpt.head_offsets[15] + 1, 0]
+                                                                     .expand(2, 4).numpy()))
