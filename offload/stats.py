@@ -63,7 +63,7 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class Gather:
-    """One gather of a layer's rows, for TableStats.record_step (see record_gather)."""
+    """One gather of a layer's rows, for TableStats.record_step."""
 
     layer_id: int
     lookups: int
@@ -96,19 +96,14 @@ class TableStats:
         with self._lock:
             self._observers.append(fn)
 
-    def record_gather(self, layer_id: int, lookups: int, cache_hits: int, rows: np.ndarray,
-                      rows_gathered: int, bytes_gathered: int, seconds: float) -> None:
-        """rows: the row ids the gather touched, any order, repeats allowed. They are marked in the
-        utilisation bitmap in batches (at the next snapshot, or every _TOUCH_BATCH gathers), which
-        keeps a batch-1 gather's cost to a list append instead of a dozen numpy calls."""
-        self.record_step([Gather(layer_id, lookups, cache_hits, rows, rows_gathered, bytes_gathered, seconds)], [])
-
     def record_wait(self, layer_id: int, seconds: float) -> None:
         self.record_step([], [(layer_id, seconds)])
 
     def record_step(self, gathers: list[Gather], waits: list[tuple[int, float]]) -> None:
-        """Several gathers and waits (layer_id, seconds) at once: a step's, in one call (mid-forward,
-        each Python call costs tens of microseconds)."""
+        """Gathers and waits (layer_id, seconds), under one lock. A gather's rows (the row ids it
+        touched, any order, repeats allowed) are marked in the utilisation bitmap in batches (at the
+        next snapshot, or every _TOUCH_BATCH gathers), which keeps a batch-1 gather's cost to a
+        list append instead of a dozen numpy calls."""
         with self._lock:
             for g in gathers:
                 s = self._layers[g.layer_id]

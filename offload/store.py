@@ -71,7 +71,7 @@ class EngramTable:
         self.cache = self._make_cache(cache)
         # gathered by one native call (and by the native prefetch worker): CPU memory, no cache
         self.native = (self._tier is not None and not device.is_cuda and self.cache is None
-                        and compute_dtype in (torch.float32, torch.bfloat16) and kernels.available())
+                       and compute_dtype in (torch.float32, torch.bfloat16) and kernels.available())
         table_bytes = {placement: header.file_nbytes - header.data_offset}
         if self.cache is not None:
             table_bytes["cache"] = self.cache.nbytes
