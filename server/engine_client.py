@@ -22,6 +22,7 @@ from typing import AsyncIterator
 
 from engram_runtime.engine import EngineConfig, LLMEngine
 from engram_runtime.sampling import SamplingParams
+from offload.stats import TableStats
 
 from server.config import ServerConfig
 from server.errors import APIError
@@ -175,15 +176,18 @@ class EngineClient:
     def _engine_stats(self):
         return self.engine.stats() if self.engine is not None else None
 
+    def _table_stats(self) -> TableStats | None:
+        return self.engine.table_stats if self.engine is not None else None
+
     def flush_table_stats(self) -> None:
         """Record the table statistics the engine keeps for later (TableStats.record_later), so that
         a scrape's histograms include them."""
-        stats = self.engine.table_stats if self.engine is not None else None
+        stats = self._table_stats()
         if stats is not None:
             stats.flush()
 
     def _table_snapshot(self) -> dict | None:
-        stats = self.engine.table_stats if self.engine is not None else None
+        stats = self._table_stats()
         return stats.snapshot() if stats is not None else None
 
     async def drain(self, timeout: float) -> None:
