@@ -53,15 +53,14 @@ float dot1(const float* xm, const w_t* wo, int64_t K, float b) {
 template <typename w_t, typename b_t>
 void linear_features(const float* x, const w_t* w, const b_t* bias, int64_t M, int64_t K, int64_t O,
                      int64_t begin, int64_t end, float* out) {
+  const auto bias_of = [bias](int64_t o) { return bias != nullptr ? load_float(bias[o]) : 0.f; };
   for (int64_t o0 = begin; o0 < end; o0 += kFeatureBlock) {
     const int64_t o1 = std::min(end, o0 + kFeatureBlock);
     int64_t m = 0;
     for (; m + 4 <= M; m += 4)
-      for (int64_t o = o0; o < o1; ++o)
-        dot4(x + m * K, w + o * K, K, bias != nullptr ? load_float(bias[o]) : 0.f, O, out + m * O + o);
+      for (int64_t o = o0; o < o1; ++o) dot4(x + m * K, w + o * K, K, bias_of(o), O, out + m * O + o);
     for (; m < M; ++m)
-      for (int64_t o = o0; o < o1; ++o)
-        out[m * O + o] = dot1(x + m * K, w + o * K, K, bias != nullptr ? load_float(bias[o]) : 0.f);
+      for (int64_t o = o0; o < o1; ++o) out[m * O + o] = dot1(x + m * K, w + o * K, K, bias_of(o));
   }
 }
 
