@@ -217,12 +217,16 @@ class EngramLayer(nn.Module):
         none of mix()'s reshapes: hidden [B, hc, D] and memory [B, hc + 1, D], contiguous float32
         -> out [B, hc, D]; last_gate becomes [B, hc]. The engine's hook calls it directly: mid-
         forward, every torch call runs with cold caches and costs tens of microseconds."""
+        key_scale, *weights = self.decode_weights()
+        out, self.last_gate = kernels.engram_mix(hidden, memory, key_scale, conv_state, slots, *weights)
+        return out
+
+    def decode_weights(self) -> tuple:
+        """decode_step's kernel arguments that are the layer's own: (key scale, conv norm weight,
+        conv taps, dilation, gate eps, conv eps); the native prefetch ticket's mix() takes them too."""
         conv = self.short_conv
         key_scale = self.key_scale if self.key_scale is not None else self._key_scale()
-        out, self.last_gate = kernels.engram_mix(hidden, memory, key_scale, conv_state, slots,
-                                                 *(conv.frozen or conv.weights()), conv.dilation,
-                                                 _FLOAT32_EPS, _CONV_NORM_EPS)
-        return out
+        return key_scale, *(conv.frozen or conv.weights()), conv.dilation, _FLOAT32_EPS, _CONV_NORM_EPS
 
     def load_reference_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load a reference `Engram` state dict; its table ('multi_head_embedding.*') is skipped."""

@@ -20,7 +20,7 @@ from engram_runtime.compression import CompressedTokenizer
 from engram_runtime.engram import EngramLayer
 from engram_runtime.hashing import NgramHasher
 from engram_runtime.model_runner import ModelRunner, Row
-from offload.prefetch import Prefetcher, Projection, Ticket
+from offload.prefetch import NativeTicket, Prefetcher, Projection, Ticket
 from offload.store import TableSet
 
 
@@ -35,15 +35,21 @@ class EngramStepHook:
         self.lengths = torch.tensor(lengths) if padded else None
         self._newest = (torch.arange(len(rows)), self.lengths - 1) if padded else (slice(None), -1)
         # one new token per row on the native kernel: EngramLayer.decode_step, no reshapes (the
-        # forward that calls the hook runs without autograd, which the kernels need)
+        # forward that calls the hook runs without autograd, which the kernels need); from the
+        # native prefetch worker, wait and decode_step are one call (NativeTicket.mix)
         self._decode = max(lengths) == 1 and kernels.available()
+        self._native = self._decode and isinstance(ticket, NativeTicket)
         self._gates: dict[int, torch.Tensor] = {}
         self._gate_means: dict[int, list[float]] | None = None
 
     def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
         layer = self.runtime.layers[layer_id]
-        memory = self.ticket.wait(layer_id)  # the rows' keys and value, computed by the prefetcher
         conv_state = self.runtime.conv_states[layer_id]
+        if self._native:
+            out, layer.last_gate = self.ticket.mix(layer_id, hidden, conv_state, self.slots, *layer.decode_weights())
+            self._gates[layer_id] = layer.last_gate
+            return out
+        memory = self.ticket.wait(layer_id)  # the rows' keys and value, computed by the prefetcher
         if self._decode:  # hidden [B, 1, D] is decode_step's [B, hc = 1, D]
             out = layer.decode_step(hidden, memory, conv_state, self.slots)
             self._gates[layer_id] = layer.last_gate
@@ -67,10 +73,9 @@ class EngramRuntime:
     def __init__(self, layers: dict[int, EngramLayer], hasher: NgramHasher, tables: TableSet,
                  head_offsets: dict[int, np.ndarray], runner: ModelRunner, prefetch: bool = True):
         self.layers, self.hasher, self.tables = layers, hasher, tables
-        for layer in layers.values():
-            layer.prepare_for_inference(runner.dtype)
-        self.prefetcher = Prefetcher(tables, head_offsets, enabled=prefetch, transform=self._memory,
-                                     projection=self._projection)
+        self.dtype = runner.dtype
+        self.prefetcher = Prefetcher(tables, head_offsets, enabled=prefetch, transform=self._memory)
+        self.prepare()
         self.layer_ids = sorted(layers)
         self.table_stats = tables.stats
         self.ngram = hasher.cfg.max_ngram_size
@@ -104,11 +109,16 @@ class EngramRuntime:
         """The prefetcher's transform: the layer's token-only half (EngramLayer.memory) of its rows."""
         return self.layers[layer_id].memory(rows)
 
-    def _projection(self, layer_id: int) -> Projection:
-        """_memory as the native prefetch worker applies it: the layer's fused key and value weights."""
-        layer = self.layers[layer_id]
-        proj = layer.fused_proj
-        return Projection(proj.weight, proj.bias, (layer.hc_mult + 1, layer.hidden_size))
+    def prepare(self) -> None:
+        """Pack the layers' weights for inference (EngramLayer.prepare_for_inference) and hand the
+        projections to the prefetcher's native worker, as _memory applies them; call again after
+        changing the layers' parameters."""
+        projections = {}
+        for layer_id, layer in self.layers.items():
+            layer.prepare_for_inference(self.dtype)
+            proj = layer.fused_proj
+            projections[layer_id] = Projection(proj.weight, proj.bias, (layer.hc_mult + 1, layer.hidden_size))
+        self.prefetcher.set_projections(projections)
 
     def step_rows(self, token_ids: list[list[int]], rows: list[Row]) -> dict[int, np.ndarray]:
         """Global row ids [B*T, heads_total] per layer for the (right-padded) batch of `rows`;

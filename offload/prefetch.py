@@ -20,9 +20,9 @@ Tables in CPU memory without a row cache (EngramTable.native) have a second, nat
 (engram_kernels' RowPrefetcher, csrc/row_prefetch.cpp) for steps of up to
 engram_kernels.SMALL_LINEAR_MAX_ROWS tokens, decode steps: it gathers and projects without
 the GIL, which the Python worker needs between its calls and can only take from the forward
-(measured at batch 1: +0.98 ms per step against +0.67 for no worker at all). ``projection(layer_id)``
-is the transform as data it can apply, asked at every submit. Both workers' tickets answer
-``wait()`` the same way.
+(measured at batch 1: +0.98 ms per step against +0.67 for no worker at all). ``Projection``
+is the transform as data it can apply, given once per layer (``projections``, and again with
+``set_projections`` when the weights change). Both workers' tickets answer ``wait()`` the same way.
 
 With ``enabled=False`` nothing runs in the background: ``wait(layer)`` gathers inline, which is
 the "--no-prefetch" comparison. Errors raised while gathering (a vanished mmap file, a bad row
@@ -87,10 +87,8 @@ class Ticket:
         t0 = time.perf_counter()
         try:
             result = self._result(layer_id)
-        except PrefetchError:
-            raise
         except BaseException as exc:
-            raise PrefetchError(f"gathering rows for layer {layer_id} failed: {type(exc).__name__}: {exc}") from exc
+            raise _failed(layer_id, exc)
         finally:
             self._waited(layer_id, time.perf_counter() - t0)
         tables.device.hand_over(result)
@@ -146,19 +144,37 @@ class NativeTicket(Ticket):
 
     def __init__(self, prefetcher: "Prefetcher", rows: dict[int, np.ndarray]):
         super().__init__(prefetcher, rows)
-        self._jobs = {layer: i for i, layer in enumerate(self.layer_ids)}  # the forward's order
+        self._jobs = prefetcher.native_layers  # layer id -> its index in the native worker
         self._native = prefetcher.native_worker.submit(
-            [(*prefetcher.native_job(layer), torch.from_numpy(np.ascontiguousarray(rows[layer])))
-             for layer in self.layer_ids])
+            [torch.from_numpy(np.ascontiguousarray(rows[layer])) for layer in self._jobs])
         self._gather_seconds: dict[int, float] = {}
         self._waits: list[tuple[int, float]] = []
 
     def _result(self, layer_id: int) -> torch.Tensor:
+        result, self._gather_seconds[layer_id] = self._call(self._native.wait, layer_id)
+        return result
+
+    def mix(self, layer_id: int, hidden: torch.Tensor, conv_state: torch.Tensor, slots: torch.Tensor,
+            *weights) -> tuple[torch.Tensor, torch.Tensor]:
+        """EngramLayer.decode_step on this layer's result, the wait included, as one native call:
+        hidden [B, 1, D], conv_state and slots as decode_step's, weights EngramLayer.decode_weights()
+        -> (out [B, 1, D], gate [B, 1]). The forward of a decode step calls it at each Engram layer:
+        wait() then decode_step() were a dozen Python frames around two calls there, each frame
+        slow with the caches the backbone's weights have just flushed."""
         try:
-            result, self._gather_seconds[layer_id] = self._native.wait(self._jobs[layer_id])
+            out, gate, self._gather_seconds[layer_id], waited = self._call(
+                self._native.mix, layer_id, hidden, conv_state, slots, *weights)
+        except BaseException as exc:
+            raise _failed(layer_id, exc)
+        self._waited(layer_id, waited)
+        return out, gate
+
+    def _call(self, fn, layer_id: int, *args):
+        """fn (a native ticket method) for the layer's job, a bad row id reported with the table's file."""
+        try:
+            return fn(self._jobs[layer_id], *args)
         except IndexError as e:
             raise self._prefetcher.tables[layer_id].row_error(e) from None
-        return result
 
     def _waited(self, layer_id: int, seconds: float) -> None:
         self._waits.append((layer_id, seconds))
@@ -166,6 +182,16 @@ class NativeTicket(Ticket):
             tables = self._prefetcher.tables
             tables.stats.record_later(functools.partial(_gathered, tables, self._rows, self._gather_seconds),
                                       self._waits)
+
+
+def _failed(layer_id: int, exc: BaseException) -> PrefetchError:
+    """What Ticket.wait raises for an error of a layer's gather: a PrefetchError naming the layer,
+    chained to the original."""
+    if isinstance(exc, PrefetchError):
+        return exc
+    error = PrefetchError(f"gathering rows for layer {layer_id} failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def _gathered(tables: TableSet, rows: dict[int, np.ndarray], seconds: dict[int, float]) -> list[Gather]:
@@ -177,8 +203,8 @@ class Prefetcher:
     """Background gathers of Engram rows, one ticket per engine step."""
 
     def __init__(self, tables: TableSet, head_offsets: dict[int, np.ndarray], enabled: bool = True,
-                 transform: Transform | None = None, projection: Callable[[int], Projection] | None = None):
-        self.tables, self.enabled, self.transform, self.projection = tables, enabled, transform, projection
+                 transform: Transform | None = None, projections: dict[int, Projection] | None = None):
+        self.tables, self.enabled, self.transform = tables, enabled, transform
         self.head_offsets = {int(k): np.asarray(v, dtype=np.int64) for k, v in head_offsets.items()}
         missing = set(self.head_offsets) - set(tables.layer_ids)
         if missing:
@@ -191,19 +217,29 @@ class Prefetcher:
         if enabled:
             self._worker = threading.Thread(target=self._run, name="engram-prefetch", daemon=True)
             self._worker.start()
-        # the native worker takes the steps it can: every table in CPU memory without a cache, the
-        # transform (if any) also given as its projection; steps of a few tokens (it projects with
-        # small_linear on one thread: prefill chunks go to the Python worker's transform)
-        native = (enabled and all(tables[layer].native for layer in self.head_offsets)
-                  and (transform is None or projection is not None))
-        self.native_worker = kernels.native().RowPrefetcher() if native else None
+        self.native_layers = {layer: i for i, layer in enumerate(sorted(self.head_offsets))}  # the forward's order
+        self.native_worker = None
+        self.set_projections(projections)
 
-    def native_job(self, layer_id: int) -> tuple:
-        """A native job's parts but its row ids: (table, weight, bias, result shape, dtype)."""
+    def set_projections(self, projections: dict[int, Projection] | None) -> None:
+        """(Re)start the native worker, which takes the steps it can: every table in CPU memory
+        without a cache, the transform (if any) also given as `projections` (per layer); steps of
+        a few tokens (it projects with small_linear on one thread: prefill chunks go to the Python
+        worker's transform). Call it again when the weights behind the transform change."""
+        if self.native_worker is not None:
+            self.native_worker.close()
+            self.native_worker = None
+        if (self.enabled and all(self.tables[layer].native for layer in self.native_layers)
+                and (self.transform is None or projections is not None)):
+            self.native_worker = kernels.native().RowPrefetcher(
+                [self._native_job(layer, projections) for layer in self.native_layers])
+
+    def _native_job(self, layer_id: int, projections: dict[int, Projection] | None) -> tuple:
+        """What the native worker does with a layer's rows: (table, weight, bias, result shape, dtype)."""
         table = self.tables[layer_id]
-        if self.projection is None:
+        if projections is None:
             return table.resident, None, None, [-1, len(self._head_sizes[layer_id]), table.head_dim], table.compute_dtype
-        p = self.projection(layer_id)
+        p = projections[layer_id]
         return table.resident, p.weight, p.bias, [-1, *p.shape], table.compute_dtype
 
     @property
@@ -235,7 +271,8 @@ class Prefetcher:
                 raise ValueError(f"layer {layer_id}: a within-head row id is outside its head's size")
             global_rows[layer_id] = ids + self.head_offsets[layer_id]  # a new array: caller may reuse ids
         tokens = max((len(r) for r in global_rows.values()), default=0)
-        if self.native_worker is not None and tokens <= kernels.SMALL_LINEAR_MAX_ROWS:
+        if (self.native_worker is not None and tokens <= kernels.SMALL_LINEAR_MAX_ROWS
+                and len(global_rows) == len(self.native_layers)):
             return NativeTicket(self, global_rows)
         ticket = WorkerTicket(self, global_rows)
         if self.enabled:

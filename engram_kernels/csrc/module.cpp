@@ -6,13 +6,15 @@
 // runs while a kernel computes.
 #include <torch/extension.h>
 
+#include <chrono>
+
 #include "kernels.h"
 #include "row_prefetch.h"
 
 namespace {
 
-using Job = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::vector<int64_t>,
-                       at::ScalarType, at::Tensor>;
+using Layer = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::vector<int64_t>,
+                         at::ScalarType>;
 
 }  // namespace
 
@@ -29,16 +31,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   using engram_kernels::PrefetchTicket, engram_kernels::RowPrefetcher;
   pybind11::class_<PrefetchTicket, std::shared_ptr<PrefetchTicket>>(m, "PrefetchTicket")
-      .def("wait", &PrefetchTicket::wait, nogil);
+      .def("wait", &PrefetchTicket::wait, nogil)
+      // wait(i), then engram_mix on its result (the memory), as one call from a decode step's
+      // forward: -> (out, gate, the worker's seconds for layer i, seconds waited here)
+      .def("mix",
+           [](PrefetchTicket& self, int64_t i, const at::Tensor& hidden, const at::Tensor& state,
+              const at::Tensor& slots, const at::Tensor& key_scale, const at::Tensor& norm_weight,
+              const at::Tensor& taps, int64_t dilation, double gate_eps, double conv_eps) {
+             const auto start = std::chrono::steady_clock::now();
+             const auto [memory, seconds] = self.wait(i);
+             const std::chrono::duration<double> waited = std::chrono::steady_clock::now() - start;
+             auto [out, gate] = engram_kernels::engram_mix(hidden, memory, key_scale, state, slots, norm_weight,
+                                                           taps, dilation, gate_eps, conv_eps);
+             return std::make_tuple(out, gate, seconds, waited.count());
+           },
+           nogil);
   pybind11::class_<RowPrefetcher>(m, "RowPrefetcher")
-      .def(pybind11::init<>())
-      .def("submit",  // jobs: (table, weight | None, bias | None, result shape, dtype, rows) per layer
-           [](RowPrefetcher& self, const std::vector<Job>& jobs) {
-             std::vector<engram_kernels::PrefetchJob> native;
-             native.reserve(jobs.size());
-             for (const auto& [table, weight, bias, shape, dtype, rows] : jobs)
-               native.push_back({table, rows, weight, bias, shape, dtype});
-             return self.submit(std::move(native));
-           })
+      .def(pybind11::init([](const std::vector<Layer>& layers) {  // (table, weight | None, bias | None,
+             std::vector<engram_kernels::LayerJob> jobs;                // result shape, dtype) per layer
+             jobs.reserve(layers.size());
+             for (const auto& [table, weight, bias, shape, dtype] : layers) jobs.push_back({table, weight, bias, shape, dtype});
+             return std::make_unique<RowPrefetcher>(std::move(jobs));
+           }))
+      .def("submit", &RowPrefetcher::submit)  // row ids per layer, in the constructor's order
       .def("close", &RowPrefetcher::close, nogil);
 }

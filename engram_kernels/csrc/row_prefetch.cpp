@@ -6,6 +6,8 @@
 // never touches Python: a step's jobs (per Engram layer: gather and decode the rows,
 // project them with the layer's key and value weights) run here while the forward
 // computes, and the engine thread waits for one layer's result with the GIL released.
+// The per-layer parts (table, weights, shapes) are given once, at construction: a step
+// hands over its row ids alone, which keeps the engine thread's share to one short call.
 //
 // The projection runs on this thread alone (linear_rows without torch's intra-op
 // threads): the server leaves one core for this thread and the HTTP side.
@@ -19,24 +21,28 @@
 
 namespace engram_kernels {
 
-PrefetchTicket::PrefetchTicket(std::vector<PrefetchJob> jobs)
-    : jobs_(std::move(jobs)), results_(jobs_.size()), errors_(jobs_.size()), index_errors_(jobs_.size()),
-      seconds_(jobs_.size()) {}
+PrefetchTicket::PrefetchTicket(LayerJobs layers, std::vector<at::Tensor> rows)
+    : layers_(std::move(layers)), rows_(std::move(rows)), results_(rows_.size()), errors_(rows_.size()),
+      index_errors_(rows_.size()), seconds_(rows_.size()) {
+  TORCH_CHECK(rows_.size() == layers_->size(), "a step needs row ids for each of the ", layers_->size(),
+              " layers, got ", rows_.size());
+}
 
 void PrefetchTicket::run() {
-  for (size_t i = 0; i < jobs_.size(); ++i) {
+  for (size_t i = 0; i < rows_.size(); ++i) {
     const auto start = std::chrono::steady_clock::now();
-    const PrefetchJob& job = jobs_[i];
+    const LayerJob& job = (*layers_)[i];
+    const at::Tensor& ids = rows_[i];
     at::Tensor out;
     std::string error;
     bool index_error = false;
     try {
       if (job.weight.has_value()) {
-        TORCH_CHECK(job.rows.dim() == 2, "rows to project must be [tokens, heads]");
-        const at::Tensor rows = gather_rows(job.table, job.rows, job.dtype).view({job.rows.size(0), -1});
+        TORCH_CHECK(ids.dim() == 2, "rows to project must be [tokens, heads]");
+        const at::Tensor rows = gather_rows(job.table, ids, job.dtype).view({ids.size(0), -1});
         out = linear_rows(rows, *job.weight, job.bias.value_or(at::Tensor()), /*parallel=*/false);
       } else {
-        out = gather_rows(job.table, job.rows, job.dtype);
+        out = gather_rows(job.table, ids, job.dtype);
       }
       out = out.view(job.shape);
     } catch (const c10::IndexError& e) {
@@ -61,7 +67,7 @@ void PrefetchTicket::run() {
 }
 
 std::tuple<at::Tensor, double> PrefetchTicket::wait(int64_t i) {
-  TORCH_CHECK(0 <= i && i < static_cast<int64_t>(jobs_.size()), "this ticket has no job ", i);
+  TORCH_CHECK(0 <= i && i < static_cast<int64_t>(rows_.size()), "this ticket has no layer ", i);
   std::unique_lock<std::mutex> lock(mutex_);
   cv_.wait(lock, [&] { return done_ > static_cast<size_t>(i); });
   TORCH_CHECK_INDEX(!index_errors_[i], errors_[i]);
@@ -69,12 +75,13 @@ std::tuple<at::Tensor, double> PrefetchTicket::wait(int64_t i) {
   return {results_[i], seconds_[i]};
 }
 
-RowPrefetcher::RowPrefetcher() : worker_([this] { loop(); }) {}
+RowPrefetcher::RowPrefetcher(std::vector<LayerJob> layers)
+    : layers_(std::make_shared<const std::vector<LayerJob>>(std::move(layers))), worker_([this] { loop(); }) {}
 
 RowPrefetcher::~RowPrefetcher() { close(); }
 
-std::shared_ptr<PrefetchTicket> RowPrefetcher::submit(std::vector<PrefetchJob> jobs) {
-  auto ticket = std::make_shared<PrefetchTicket>(std::move(jobs));
+std::shared_ptr<PrefetchTicket> RowPrefetcher::submit(std::vector<at::Tensor> rows) {
+  auto ticket = std::make_shared<PrefetchTicket>(layers_, std::move(rows));
   {
     std::lock_guard<std::mutex> lock(mutex_);
     TORCH_CHECK(!closed_, "submit() on a closed RowPrefetcher");

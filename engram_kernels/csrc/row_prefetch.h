@@ -16,25 +16,29 @@
 
 namespace engram_kernels {
 
-// One layer's job: rows of `table` (gather_rows), then, if `weight` is given, their
-// projection (rows flattened per token) @ weight.T + bias, viewed as `shape`.
-struct PrefetchJob {
-  at::Tensor table, rows;
+// What the worker does with one layer's rows, fixed for the worker's life: gather them from
+// `table` (gather_rows), then, if `weight` is given, project them (flattened per token)
+// @ weight.T + bias; the result is viewed as `shape`.
+struct LayerJob {
+  at::Tensor table;
   std::optional<at::Tensor> weight, bias;
   std::vector<int64_t> shape;
   at::ScalarType dtype;  // the rows are decoded into it (then projected in float32)
 };
+using LayerJobs = std::shared_ptr<const std::vector<LayerJob>>;
 
-// One engine step's jobs, run in order by the worker; wait(i) blocks until job i is done.
+// One engine step: per layer, in order, the row ids its job runs on; wait(i) blocks until
+// layer i is done.
 class PrefetchTicket {
  public:
-  explicit PrefetchTicket(std::vector<PrefetchJob> jobs);
+  PrefetchTicket(LayerJobs layers, std::vector<at::Tensor> rows);
   void run();
-  // job i's result and how long the worker took for it; raises its error (IndexError for a bad row id)
+  // layer i's result and how long the worker took for it; raises its error (IndexError for a bad row id)
   std::tuple<at::Tensor, double> wait(int64_t i);
 
  private:
-  std::vector<PrefetchJob> jobs_;
+  LayerJobs layers_;
+  std::vector<at::Tensor> rows_;
   std::vector<at::Tensor> results_;
   std::vector<std::string> errors_;
   std::vector<bool> index_errors_;
@@ -46,13 +50,15 @@ class PrefetchTicket {
 
 class RowPrefetcher {
  public:
-  RowPrefetcher();
+  explicit RowPrefetcher(std::vector<LayerJob> layers);
   ~RowPrefetcher();
-  std::shared_ptr<PrefetchTicket> submit(std::vector<PrefetchJob> jobs);
+  // rows[i]: int64 row ids for layer i, [tokens, heads] (a projected layer needs two dimensions)
+  std::shared_ptr<PrefetchTicket> submit(std::vector<at::Tensor> rows);
   void close();  // runs what is queued, then stops the thread
 
  private:
   void loop();
+  LayerJobs layers_;
   std::deque<std::shared_ptr<PrefetchTicket>> queue_;
   bool closed_ = false;
   std::mutex mutex_;

@@ -136,13 +136,12 @@ def test_native_worker_returns_the_python_workers_bits(ckpt_factory, dtype):
     def transform(layer_id: int, rows: torch.Tensor) -> torch.Tensor:  # EngramLayer.memory's decode path
         return kernels.small_linear(rows.flatten(1), *weights[layer_id]).unflatten(-1, (2, 8))
 
-    def projection(layer_id: int) -> Projection:
-        return Projection(*weights[layer_id], (2, 8))
+    projections = {layer: Projection(*w, (2, 8)) for layer, w in weights.items()}
 
     rng = np.random.default_rng(0)
     lookups = 0
-    for transform_, projection_ in ((None, None), (transform, projection)):
-        with Prefetcher(tables, ckpt.head_offsets, transform=transform_, projection=projection_) as prefetcher:
+    for transform_, projections_ in ((None, None), (transform, projections)):
+        with Prefetcher(tables, ckpt.head_offsets, transform=transform_, projections=projections_) as prefetcher:
             for tokens, kind in ((1, NativeTicket), (kernels.SMALL_LINEAR_MAX_ROWS, NativeTicket),
                                  (kernels.SMALL_LINEAR_MAX_ROWS + 1, WorkerTicket)):
                 rows = {layer: rng.integers(0, 100, (tokens, 4)) for layer in (1, 15)}
@@ -169,9 +168,13 @@ def test_native_worker_bad_row_is_a_clear_error_and_later_steps_still_run(ckpt_f
         assert type(ticket) is NativeTicket
         assert ticket.wait(1).shape == (1, 4, 64)
         path = ckpt.path / ckpt.tables["15"]["file"]
-        with pytest.raises(PrefetchError, match=rf"layer 15.*row ids must be in \[0, {num_rows}\), got {num_rows} "
-                                                rf"for table {path}"):
+        bad_row = rf"layer 15.*row ids must be in \[0, {num_rows}\), got {num_rows} for table {path}"
+        with pytest.raises(PrefetchError, match=bad_row):
             ticket.wait(15)
+        ticket = prefetcher.submit({1: np.zeros((1, 4), np.int64), 15: np.full((1, 4), num_rows, np.int64)},
+                                   global_ids=True)
+        with pytest.raises(PrefetchError, match=bad_row):  # wait and the decode kernel in one call: the same error
+            ticket.mix(15, *[torch.zeros(1)] * 6, 1, 1e-6, 1e-5)
         ticket = prefetcher.submit({1: np.ones((2, 4), np.int64), 15: np.ones((2, 4), np.int64)})
         assert torch.equal(ticket.wait(15)[..., 0], torch.from_numpy(ckpt.values[15][ckpt.head_offsets[15] + 1, 0]
                                                                      .expand(2, 4).numpy()))

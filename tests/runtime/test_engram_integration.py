@@ -49,7 +49,7 @@ def random_values(engine):
     for layer in engine.engram.layers.values():
         w = layer.value_proj.weight
         w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
-        layer.prepare_for_inference(engine.runner.dtype)  # re-pack the projections it changed
+    engine.engram.prepare()  # re-pack the projections this changed, for both prefetch workers
     return engine
 
 
