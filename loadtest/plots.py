@@ -1,7 +1,8 @@
 """PNG plots of a comparison, readable at a glance.
 
 Throughput: one bar per variant at the median ratio to the base, whiskers from
-the worst to the best round, a line at 1.0 (parity).  Latency: empirical CDFs
+the worst to the best round, each round's ratio as a dot (with many short rounds
+the spread is the message), a line at 1.0 (parity).  Latency: empirical CDFs
 of TTFT and inter-token latency pooled over rounds, one line per variant, so a
 shift of the whole distribution and a heavier tail are both visible.
 """
@@ -24,6 +25,12 @@ def throughput_ratio_plot(comparison: dict, path: Path, key: str = "output_throu
     hi = np.array([summary[n]["ratio"][key]["max"] for n in names]) - med
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
     bars = ax.bar(names, med, yerr=[lo, hi], capsize=6, color="tab:blue", alpha=0.8)
+    jitter = np.random.default_rng(0)
+    for i, n in enumerate(names):
+        if n == comparison["base"]:  # 1.0 in every round
+            continue
+        rounds = summary[n]["ratio"][key]["rounds"]
+        ax.scatter(i + jitter.uniform(-0.25, 0.25, len(rounds)), rounds, s=10, color="black", alpha=0.5, zorder=3)
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
     for bar, m, top in zip(bars, med, med + hi):  # label above the whisker
         ax.annotate(f"{m:.3f}", (bar.get_x() + bar.get_width() / 2, top),
@@ -31,8 +38,8 @@ def throughput_ratio_plot(comparison: dict, path: Path, key: str = "output_throu
     low = min(0.8, float((med - lo).min()) - 0.02)
     ax.set_ylim(max(0.0, low), max(1.1, 1.08 * float((med + hi).max())))
     ax.set_ylabel(f"{key} / {comparison['base']}")
-    ax.set_title(f"{key.replace('_', ' ')} relative to '{comparison['base']}' "
-                 f"(median, whiskers min-max, {comparison['rounds']} round(s))", fontsize=10)
+    ax.set_title(f"{key.replace('_', ' ')} relative to '{comparison['base']}'\n"
+                 f"(median, whiskers min-max, dots: {comparison['rounds']} round(s))", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
