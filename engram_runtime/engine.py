@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from engram_runtime.allocator import keep_freed_memory
 from engram_runtime.model_runner import ModelRunner, Row, parse_dtype
 from engram_runtime.sampling import SamplingParams, sample
 from engram_runtime.scheduler import ScheduledBatch, Scheduler
@@ -57,6 +58,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         """loaded: weights + tokenizer already read for config.model (tests reuse one load)."""
+        keep_freed_memory()  # a step's freed tensors are reused, not faulted in again (see allocator)
         self.config = config
         loaded = loaded or load_model(config.model)
         model_config, state_dict = loaded.config, loaded.state_dict

@@ -8,7 +8,6 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import sys
@@ -174,27 +173,6 @@ def set_compute_threads(threads: int | None) -> None:
     logging.getLogger("engram_serve").info("torch compute threads: %d", threads)
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc reuse the blocks a decode step frees instead of unmapping them.
-    Above its mmap threshold (128 KiB at start, then raised to the largest such block freed so
-    far) every allocation is a fresh mmap whose pages fault in on first touch, and a heap top
-    above the trim threshold goes back to the system. A batch-16 step's few-MB tensors (the
-    logits alone are 3 MB) paid that every step: 182 minor page faults per generated token and
-    376 tok/s without Engram, against 2 and 442 in an Engram server, whose table loading had
-    happened to raise the threshold (`loadtest run`, concurrency 16). Fixed thresholds (32 MiB,
-    glibc's maximum for mmap, and 1 GiB) keep such blocks in the heap. Not glibc: nothing to do."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -202,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     engine_config, server_config = configs(args)
     set_compute_threads(args.threads)
-    keep_freed_memory()
     from server.runner import serve
     return serve(engine_config, server_config)
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -66,33 +64,6 @@ def test_compute_threads_leave_one_cpu_by_default():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-
-
-ROOT = Path(__file__).resolve().parents[2]
-_STEP_FAULTS = """
-import resource, sys, torch
-if sys.argv[1] == "tuned":
-    from server.cli import keep_freed_memory
-    keep_freed_memory()
-def step():  # a decode step's few-MB tensors, allocated and freed
-    for n in (3 << 20, 5 << 20, 1 << 20):
-        torch.ones(n // 4)
-step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-def test_freed_step_memory_is_reused_not_faulted_in_again():
-    """keep_freed_memory: repeating a step's allocations faults in (almost) no new pages; in a
-    fresh process without it they fault in again every time. Each in its own process: the
-    allocator's state is process-wide."""
-    faults = {mode: int(subprocess.run([sys.executable, "-c", _STEP_FAULTS, mode], capture_output=True, text=True,
-                                       check=True, cwd=ROOT).stdout)
-              for mode in ("plain", "tuned")}
-    assert faults["tuned"] * 4 < faults["plain"], faults
 
 
 def test_corrupt_checkpoint_refused_before_loading(tmp_path, capsys):
