@@ -45,15 +45,15 @@ class EngramStepHook:
     def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
         layer = self.runtime.layers[layer_id]
         conv_state = self.runtime.conv_states[layer_id]
-        if self._native:
-            out, layer.last_gate = self.ticket.mix(layer_id, hidden, conv_state, self.slots, *layer.decode_weights())
+        if self._decode:  # hidden [B, 1, D] is decode_step's [B, hc = 1, D]
+            if self._native:  # the wait and decode_step as one native call
+                out, layer.last_gate = self.ticket.mix(layer_id, hidden, conv_state, self.slots,
+                                                       *layer.decode_weights())
+            else:  # the rows' keys and value, computed by the prefetcher
+                out = layer.decode_step(hidden, self.ticket.wait(layer_id), conv_state, self.slots)
             self._gates[layer_id] = layer.last_gate
             return out
         memory = self.ticket.wait(layer_id)  # the rows' keys and value, computed by the prefetcher
-        if self._decode:  # hidden [B, 1, D] is decode_step's [B, hc = 1, D]
-            out = layer.decode_step(hidden, memory, conv_state, self.slots)
-            self._gates[layer_id] = layer.last_gate
-            return out
         B, T, _ = hidden.shape
         out = layer.mix(hidden.unsqueeze(2), memory.view(B, T, *memory.shape[1:]),
                         conv_state, self.lengths, self.slots)
