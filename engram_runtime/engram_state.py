@@ -1,9 +1,9 @@
 """The engine's Engram side: checkpoint, hasher, tables + prefetcher, per-slot conv state.
 
-Per step the engine hands over the rows it is about to run; we hash each row's
+Per step the engine hands over the rows it is about to run; we submit each row's
 new tokens (with its N-1 previous tokens as context, so chunked prefill and
-decode hash exactly like one pass over the sequence) and submit the row ids to
-the prefetcher at once. Its worker gathers each layer's rows and computes the
+decode hash exactly like one pass over the sequence) to the prefetcher at once,
+which hashes them into row ids (on its native worker, for a decode step). Its worker gathers each layer's rows and computes the
 layer's token-only half from them (EngramLayer.memory: the key and value
 projections). The hook returned to the decoder blocks waits for that result at
 the Engram layer, runs the half that needs the hidden state (EngramLayer.mix)
@@ -27,30 +27,29 @@ from offload.store import TableSet
 class EngramStepHook:
     """Called by the decoder blocks as `engram(layer_id, hidden [B, T, D]) -> [B, T, D]`."""
 
-    def __init__(self, runtime: "EngramRuntime", ticket: Ticket, rows: list[Row]):
-        self.runtime, self.ticket = runtime, ticket
-        self.slots = torch.tensor([r.slot for r in rows])
+    def __init__(self, runtime: "EngramRuntime", ticket: Ticket, rows: list[Row], slots: torch.Tensor):
+        self.runtime, self.ticket, self.slots = runtime, ticket, slots
         lengths = [len(r.token_ids) for r in rows]
         padded = min(lengths) != max(lengths)  # right-padded rows: the conv state needs their lengths
         self.lengths = torch.tensor(lengths) if padded else None
         self._newest = (torch.arange(len(rows)), self.lengths - 1) if padded else (slice(None), -1)
         # one new token per row on the native kernel: EngramLayer.decode_step, no reshapes (the
         # forward that calls the hook runs without autograd, which the kernels need); from the
-        # native prefetch worker, wait and decode_step are one call (NativeTicket.mix)
+        # native prefetch worker, wait and decode_step are one call (NativeTicket.mix, with the
+        # conv states and weights EngramRuntime.prepare gave it)
         self._decode = max(lengths) == 1 and kernels.available()
         self._native = self._decode and isinstance(ticket, NativeTicket)
         self._gates: dict[int, torch.Tensor] = {}
         self._gate_means: dict[int, list[float]] | None = None
 
     def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
+        if self._native:  # hidden [B, 1, D] is decode_step's [B, hc = 1, D]
+            out, self._gates[layer_id] = self.ticket.mix(layer_id, hidden)
+            return out
         layer = self.runtime.layers[layer_id]
         conv_state = self.runtime.conv_states[layer_id]
-        if self._decode:  # hidden [B, 1, D] is decode_step's [B, hc = 1, D]
-            if self._native:  # the wait and decode_step as one native call
-                out, layer.last_gate = self.ticket.mix(layer_id, hidden, conv_state, self.slots,
-                                                       *layer.decode_weights())
-            else:  # the rows' keys and value, computed by the prefetcher
-                out = layer.decode_step(hidden, self.ticket.wait(layer_id), conv_state, self.slots)
+        if self._decode:  # the rows' keys and value, computed by the prefetcher
+            out = layer.decode_step(hidden, self.ticket.wait(layer_id), conv_state, self.slots)
             self._gates[layer_id] = layer.last_gate
             return out
         memory = self.ticket.wait(layer_id)  # the rows' keys and value, computed by the prefetcher
@@ -74,14 +73,14 @@ class EngramRuntime:
                  head_offsets: dict[int, np.ndarray], runner: ModelRunner, prefetch: bool = True):
         self.layers, self.hasher, self.tables = layers, hasher, tables
         self.dtype = runner.dtype
-        self.prefetcher = Prefetcher(tables, head_offsets, enabled=prefetch, transform=self._memory)
+        self.prefetcher = Prefetcher(tables, head_offsets, enabled=prefetch, transform=self._memory, hasher=hasher)
+        self.conv_states = {lid: layer.new_conv_state(runner.num_slots) for lid, layer in layers.items()}
         self.prepare()
         self.layer_ids = sorted(layers)
         self.table_stats = tables.stats
         self.ngram = hasher.cfg.max_ngram_size
         self.pad_id = hasher.cfg.pad_id
         runner.model.set_engram_layers(self.layer_ids)
-        self.conv_states = {lid: layer.new_conv_state(runner.num_slots) for lid, layer in layers.items()}
 
     @classmethod
     def load(cls, config, tokenizer, runner: ModelRunner) -> "EngramRuntime":
@@ -111,18 +110,21 @@ class EngramRuntime:
 
     def prepare(self) -> None:
         """Pack the layers' weights for inference (EngramLayer.prepare_for_inference) and hand the
-        projections to the prefetcher's native worker, as _memory applies them; call again after
-        changing the layers' parameters."""
+        projections to the prefetcher's native worker, as _memory applies them, with what a
+        decode step's mix needs (conv state, weights); call again after changing the layers'
+        parameters."""
         projections = {}
         for layer_id, layer in self.layers.items():
             layer.prepare_for_inference(self.dtype)
             proj = layer.fused_proj
-            projections[layer_id] = Projection(proj.weight, proj.bias, (layer.hc_mult + 1, layer.hidden_size))
+            projections[layer_id] = Projection(proj.weight, proj.bias, (layer.hc_mult + 1, layer.hidden_size),
+                                               mix=(self.conv_states[layer_id], *layer.decode_weights()))
         self.prefetcher.set_projections(projections)
 
-    def step_rows(self, token_ids: list[list[int]], rows: list[Row]) -> dict[int, np.ndarray]:
-        """Global row ids [B*T, heads_total] per layer for the (right-padded) batch of `rows`;
-        token_ids[b]: row b's sequence so far (at least up to the row's last token)."""
+    def step_windows(self, token_ids: list[list[int]], rows: list[Row]) -> np.ndarray:
+        """The token windows [B, N - 1 + T] the (right-padded) batch of `rows` is hashed from: each
+        row's new tokens after its N - 1 previous ones; token_ids[b]: row b's sequence so far (at
+        least up to the row's last token)."""
         n = self.ngram
         T = max(len(r.token_ids) for r in rows)
         windows = np.full((len(rows), T + n - 1), self.pad_id, dtype=np.int64)
@@ -131,17 +133,17 @@ class EngramRuntime:
             ctx = ids[max(0, start - (n - 1)) : start + len(row.token_ids)]
             lead = max(0, (n - 1) - start)  # sequence start: left-pad like the reference
             windows[b, lead : lead + len(ctx)] = ctx
-        hashed = self.hasher.hash(windows, context=n - 1, global_ids=True)
-        return {lid: h.reshape(-1, h.shape[-1]) for lid, h in hashed.items()}
+        return windows
 
     def step_hook(self, token_ids: list[list[int]], rows: list[Row]) -> EngramStepHook:
-        """Hash and submit this forward's rows now; the returned hook is the model's `engram`."""
-        ticket = self.prefetcher.submit(self.step_rows(token_ids, rows), global_ids=True)
+        """Submit this forward's tokens now; the returned hook is the model's `engram`."""
+        slots = torch.tensor([r.slot for r in rows])
+        ticket = self.prefetcher.submit_tokens(self.step_windows(token_ids, rows), self.ngram - 1, slots)
         fresh = [r.slot for r in rows if r.start_pos == 0]
         if fresh:
             for states in self.conv_states.values():
                 states[fresh] = 0  # a new sequence in a reused slot starts with an empty conv state
-        return EngramStepHook(self, ticket, rows)
+        return EngramStepHook(self, ticket, rows, slots)
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -114,6 +114,14 @@ class NgramHasher:
         self._mult_t, self._primes_t = torch.from_numpy(self._mult), torch.from_numpy(self._primes)
         self._offsets_t = {k: torch.from_numpy(v) for k, v in self._offsets.items()}
 
+    def kernel_args(self, layer_ids: list[int]) -> tuple:
+        """engram_kernels.ngram_rows' arguments after the token ids, for global row ids of
+        `layer_ids` in that order: (lookup, pad, multipliers, primes, offsets). The native
+        prefetch worker hashes a decode step's tokens with them (offload.prefetch.Prefetcher)."""
+        order = [self.cfg.layer_ids.index(lid) for lid in layer_ids]
+        return (self._lookup_t, self.compressed_pad_id, torch.from_numpy(self._mult[order]),
+                torch.from_numpy(self._primes[order]), torch.from_numpy(self._offsets[True][order]))
+
     def _rows(self, shifted: np.ndarray) -> dict[int, np.ndarray]:
         """shifted[k] holds the compressed id k positions back ([N, B, T]) -> {layer: [B, T, heads_total]}."""
         n_layers, n_orders, n_heads = self._primes.shape

@@ -1,7 +1,8 @@
 """Prefetcher: start gathering a step's rows the moment its token ids are known.
 
 ``submit(rows)`` turns within-head row ids into global rows (adding each head's offset), queues a
-``Ticket`` and returns at once. One worker thread serves tickets in submission order and layers
+``Ticket`` and returns at once; ``submit_tokens(windows, context)`` takes a step's token ids
+instead and hashes them with the prefetcher's ``hasher`` (row ids depend on token ids alone). One worker thread serves tickets in submission order and layers
 in ascending id (the order the forward needs them): for each layer it gathers into the table's
 staging buffers, moves the rows to the compute device inside the device's side stream, and
 records that layer's event. ``Ticket.wait(layer)`` blocks only if that event is not set yet.
@@ -22,7 +23,9 @@ engram_kernels.SMALL_LINEAR_MAX_ROWS tokens, decode steps: it gathers and projec
 the GIL, which the Python worker needs between its calls and can only take from the forward
 (measured at batch 1: +0.98 ms per step against +0.67 for no worker at all). ``Projection``
 is the transform as data it can apply, given once per layer (``projections``, and again with
-``set_projections`` when the weights change). Both workers' tickets answer ``wait()`` the same way.
+``set_projections`` when the weights change); the hasher's arithmetic goes to it the same way
+(``NgramHasher.kernel_args``), so a decode step's ``submit_tokens`` is one short native call and
+the hash runs on the worker too. Both workers' tickets answer ``wait()`` the same way.
 
 With ``enabled=False`` nothing runs in the background: ``wait(layer)`` gathers inline, which is
 the "--no-prefetch" comparison. Errors raised while gathering (a vanished mmap file, a bad row
@@ -36,7 +39,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -56,11 +59,23 @@ class Projection:
     """A transform that is a linear map, as data the native worker can apply: a layer's rows
     [tokens, heads, head_dim] in the tables' compute dtype -> (rows.flatten(1) @ weight.T +
     bias).view(tokens, *shape), float32 (engram_kernels.small_linear's arithmetic).
-    weight [O, heads * head_dim] and bias [O], float32 or bfloat16, contiguous."""
+    weight [O, heads * head_dim] and bias [O], float32 or bfloat16, contiguous. `mix`, if given,
+    is what NativeTicket.mix does with the result: (conv state, *EngramLayer.decode_weights())."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     shape: tuple[int, ...]
+    mix: tuple | None = None
+
+
+class Hasher(Protocol):
+    """What submit_tokens needs of the row ids' hash (engram_runtime's NgramHasher)."""
+
+    def hash(self, token_ids: np.ndarray, *, context: int = 0, global_ids: bool = False) -> dict[int, np.ndarray]:
+        ...
+
+    def kernel_args(self, layer_ids: list[int]) -> tuple:
+        ...
 
 
 class PrefetchError(RuntimeError):
@@ -71,17 +86,13 @@ class Ticket:
     """One step's rows in flight: ``wait(layer_id) -> [num_tokens, heads_total, head_dim]``
     (or what the prefetcher's transform made of them)."""
 
-    def __init__(self, prefetcher: "Prefetcher", rows: dict[int, np.ndarray]):
+    def __init__(self, prefetcher: "Prefetcher", layer_ids: list[int]):
         self._prefetcher = prefetcher
-        self._rows = rows
-
-    @property
-    def layer_ids(self) -> list[int]:
-        return sorted(self._rows)
+        self.layer_ids = layer_ids  # ascending
 
     def wait(self, layer_id: int) -> torch.Tensor:
         """This step's rows for one layer, on the compute device; blocks only if not ready yet."""
-        if layer_id not in self._rows:
+        if layer_id not in self.layer_ids:
             raise KeyError(f"this ticket has no rows for layer {layer_id}; it holds layers {self.layer_ids}")
         tables = self._prefetcher.tables
         t0 = time.perf_counter()
@@ -107,7 +118,8 @@ class WorkerTicket(Ticket):
     worker records once the result (or its error) is in."""
 
     def __init__(self, prefetcher: "Prefetcher", rows: dict[int, np.ndarray]):
-        super().__init__(prefetcher, rows)
+        super().__init__(prefetcher, sorted(rows))
+        self._rows = rows
         self._events: dict[int, Event] = {layer: prefetcher.tables.device.event() for layer in rows}
         self._results: dict[int, torch.Tensor] = {}
         self._errors: dict[int, BaseException] = {}
@@ -139,49 +151,46 @@ class WorkerTicket(Ticket):
 
 class NativeTicket(Ticket):
     """Served by the native worker (engram_kernels' RowPrefetcher): tables in CPU memory, no cache.
-    The statistics of its gathers (timed by the worker) and waits go to TableStats.record_later
-    once every layer has been waited for."""
+    `native` is the worker's ticket for the step; it times the worker's gathers and the waits
+    itself, and once every layer has been waited for their statistics go to
+    TableStats.record_later."""
 
-    def __init__(self, prefetcher: "Prefetcher", rows: dict[int, np.ndarray]):
-        super().__init__(prefetcher, rows)
+    def __init__(self, prefetcher: "Prefetcher", native):
         self._jobs = prefetcher.native_layers  # layer id -> its index in the native worker
-        self._native = prefetcher.native_worker.submit(
-            [torch.from_numpy(np.ascontiguousarray(rows[layer])) for layer in self._jobs])
-        self._gather_seconds: dict[int, float] = {}
-        self._waits: list[tuple[int, float]] = []
+        super().__init__(prefetcher, list(self._jobs))
+        self._native = native
+        self._unused = set(self._jobs)
 
-    def _result(self, layer_id: int) -> torch.Tensor:
-        result, self._gather_seconds[layer_id] = self._call(self._native.wait, layer_id)
-        return result
+    def wait(self, layer_id: int) -> torch.Tensor:
+        return self._call(self._native.wait, layer_id)
 
-    def mix(self, layer_id: int, hidden: torch.Tensor, conv_state: torch.Tensor, slots: torch.Tensor,
-            *weights) -> tuple[torch.Tensor, torch.Tensor]:
-        """EngramLayer.decode_step on this layer's result, the wait included, as one native call:
-        hidden [B, 1, D], conv_state and slots as decode_step's, weights EngramLayer.decode_weights()
-        -> (out [B, 1, D], gate [B, 1]). The forward of a decode step calls it at each Engram layer:
-        wait() then decode_step() were a dozen Python frames around two calls there, each frame
-        slow with the caches the backbone's weights have just flushed."""
-        try:
-            out, gate, self._gather_seconds[layer_id], waited = self._call(
-                self._native.mix, layer_id, hidden, conv_state, slots, *weights)
-        except BaseException as exc:
-            raise _failed(layer_id, exc)
-        self._waited(layer_id, waited)
-        return out, gate
+    def mix(self, layer_id: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """EngramLayer.decode_step on this layer's result, the wait included, as one native call
+        with the conv state and weights the worker was given (Projection.mix) at the step's slots
+        (submit_tokens): hidden [B, 1, D] -> (out [B, 1, D], gate [B, 1]). The forward of a decode
+        step calls it at each Engram layer, where every Python frame is slow with the caches the
+        backbone's weights have just flushed: wait() then decode_step() were a dozen."""
+        return self._call(self._native.mix, layer_id, hidden)
 
     def _call(self, fn, layer_id: int, *args):
-        """fn (a native ticket method) for the layer's job, a bad row id reported with the table's file."""
+        """fn (a native ticket method) for the layer's job; an error as a PrefetchError naming the
+        layer (and, for a bad row id, the table's file)."""
+        job = self._jobs.get(layer_id)
+        if job is None:
+            raise KeyError(f"this ticket has no rows for layer {layer_id}; it holds layers {self.layer_ids}")
         try:
-            return fn(self._jobs[layer_id], *args)
+            return fn(job, *args)
         except IndexError as e:
-            raise self._prefetcher.tables[layer_id].row_error(e) from None
-
-    def _waited(self, layer_id: int, seconds: float) -> None:
-        self._waits.append((layer_id, seconds))
-        if len(self._waits) == len(self._jobs):
-            tables = self._prefetcher.tables
-            tables.stats.record_later(functools.partial(_gathered, tables, self._rows, self._gather_seconds),
-                                      self._waits)
+            raise _failed(layer_id, self._prefetcher.tables[layer_id].row_error(e))
+        except Exception as e:  # noqa: BLE001 - a failed gather, projection or hash, named
+            raise _failed(layer_id, e)
+        finally:
+            self._unused.discard(layer_id)
+            if not self._unused:
+                self._unused = None  # recorded once
+                tables = self._prefetcher.tables
+                tables.stats.record_later(functools.partial(_native_records, tables, self.layer_ids,
+                                                            self._native.stats()))
 
 
 def _failed(layer_id: int, exc: BaseException) -> PrefetchError:
@@ -194,17 +203,25 @@ def _failed(layer_id: int, exc: BaseException) -> PrefetchError:
     return error
 
 
-def _gathered(tables: TableSet, rows: dict[int, np.ndarray], seconds: dict[int, float]) -> list[Gather]:
-    """The statistics records of a native ticket's gathers (those that succeeded)."""
-    return [tables[layer].gathered(rows[layer], s) for layer, s in seconds.items()]
+def _native_records(tables: TableSet, layer_ids: list[int], stats: list[tuple]) -> tuple[list[Gather], list]:
+    """A native ticket's statistics (PrefetchTicket.stats: per layer index its row ids, None if
+    its gather failed, the worker's and the wait's seconds) as TableStats.record_step's arguments."""
+    gathers, waits = [], []
+    for i, rows, seconds, waited in stats:
+        layer = layer_ids[i]
+        waits.append((layer, waited))
+        if rows is not None:
+            gathers.append(tables[layer].gathered(rows.numpy(), seconds))
+    return gathers, waits
 
 
 class Prefetcher:
     """Background gathers of Engram rows, one ticket per engine step."""
 
     def __init__(self, tables: TableSet, head_offsets: dict[int, np.ndarray], enabled: bool = True,
-                 transform: Transform | None = None, projections: dict[int, Projection] | None = None):
-        self.tables, self.enabled, self.transform = tables, enabled, transform
+                 transform: Transform | None = None, projections: dict[int, Projection] | None = None,
+                 hasher: Hasher | None = None):
+        self.tables, self.enabled, self.transform, self.hasher = tables, enabled, transform, hasher
         self.head_offsets = {int(k): np.asarray(v, dtype=np.int64) for k, v in head_offsets.items()}
         missing = set(self.head_offsets) - set(tables.layer_ids)
         if missing:
@@ -231,16 +248,19 @@ class Prefetcher:
             self.native_worker = None
         if (self.enabled and all(self.tables[layer].native for layer in self.native_layers)
                 and (self.transform is None or projections is not None)):
+            layers = list(self.native_layers)
             self.native_worker = kernels.native().RowPrefetcher(
-                [self._native_job(layer, projections) for layer in self.native_layers])
+                [self._native_job(layer, projections) for layer in layers],
+                None if self.hasher is None else self.hasher.kernel_args(layers))
 
     def _native_job(self, layer_id: int, projections: dict[int, Projection] | None) -> tuple:
-        """What the native worker does with a layer's rows: (table, weight, bias, result shape, dtype)."""
+        """What the native worker does with a layer's rows: (table, weight, bias, result shape, dtype, mix)."""
         table = self.tables[layer_id]
         if projections is None:
-            return table.resident, None, None, [-1, len(self._head_sizes[layer_id]), table.head_dim], table.compute_dtype
+            shape = [-1, len(self._head_sizes[layer_id]), table.head_dim]
+            return table.resident, None, None, shape, table.compute_dtype, None
         p = projections[layer_id]
-        return table.resident, p.weight, p.bias, [-1, *p.shape], table.compute_dtype
+        return table.resident, p.weight, p.bias, [-1, *p.shape], table.compute_dtype, p.mix
 
     @property
     def worker_alive(self) -> bool:
@@ -271,13 +291,32 @@ class Prefetcher:
                 raise ValueError(f"layer {layer_id}: a within-head row id is outside its head's size")
             global_rows[layer_id] = ids + self.head_offsets[layer_id]  # a new array: caller may reuse ids
         tokens = max((len(r) for r in global_rows.values()), default=0)
-        if (self.native_worker is not None and tokens <= kernels.SMALL_LINEAR_MAX_ROWS
-                and len(global_rows) == len(self.native_layers)):
-            return NativeTicket(self, global_rows)
+        if self._native_takes(tokens) and len(global_rows) == len(self.native_layers):
+            return NativeTicket(self, self.native_worker.submit(
+                [torch.from_numpy(np.ascontiguousarray(global_rows[layer])) for layer in self.native_layers]))
         ticket = WorkerTicket(self, global_rows)
         if self.enabled:
             self._queue.put(ticket)
         return ticket
+
+    def submit_tokens(self, windows: np.ndarray, context: int, slots: torch.Tensor | None = None) -> Ticket:
+        """A step given as token windows [B, context + T] (int64: each row's T new tokens after the
+        `context` tokens before them): its rows hasher.hash(windows, context=context,
+        global_ids=True), flattened to [B * T, heads] per layer, submitted; returns at once. The
+        native worker hashes the steps it takes itself, off the caller's thread; `slots` [B] (int64:
+        the rows' conv state rows) are for NativeTicket.mix."""
+        if self._closed:
+            raise RuntimeError("submit_tokens() on a closed Prefetcher")
+        if self.hasher is None:
+            raise RuntimeError("submit_tokens() needs a Prefetcher made with a hasher")
+        if self._native_takes(windows.shape[0] * (windows.shape[1] - context)):
+            return NativeTicket(self, self.native_worker.submit_tokens(torch.from_numpy(windows), context, slots))
+        hashed = self.hasher.hash(windows, context=context, global_ids=True)
+        return self.submit({layer: h.reshape(-1, h.shape[-1]) for layer, h in hashed.items()}, global_ids=True)
+
+    def _native_takes(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens goes to the native worker (see set_projections)."""
+        return self.native_worker is not None and tokens <= kernels.SMALL_LINEAR_MAX_ROWS
 
     def _run(self) -> None:
         ticket: WorkerTicket | None

@@ -6,15 +6,18 @@
 // runs while a kernel computes.
 #include <torch/extension.h>
 
-#include <chrono>
-
 #include "kernels.h"
 #include "row_prefetch.h"
 
 namespace {
 
+// (table, weight | None, bias | None, result shape, dtype, mix | None) per layer; mix: (conv
+// state, key scale, norm weight, taps, dilation, gate eps, conv eps)
+using Mix = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, double, double>;
 using Layer = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::vector<int64_t>,
-                         at::ScalarType>;
+                         at::ScalarType, std::optional<Mix>>;
+// ngram_rows' (lookup, pad, multipliers, primes, offsets) for those layers
+using Hash = std::tuple<at::Tensor, int64_t, at::Tensor, at::Tensor, at::Tensor>;
 
 }  // namespace
 
@@ -32,27 +35,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using engram_kernels::PrefetchTicket, engram_kernels::RowPrefetcher;
   pybind11::class_<PrefetchTicket, std::shared_ptr<PrefetchTicket>>(m, "PrefetchTicket")
       .def("wait", &PrefetchTicket::wait, nogil)
-      // wait(i), then engram_mix on its result (the memory), as one call from a decode step's
-      // forward: -> (out, gate, the worker's seconds for layer i, seconds waited here)
-      .def("mix",
-           [](PrefetchTicket& self, int64_t i, const at::Tensor& hidden, const at::Tensor& state,
-              const at::Tensor& slots, const at::Tensor& key_scale, const at::Tensor& norm_weight,
-              const at::Tensor& taps, int64_t dilation, double gate_eps, double conv_eps) {
-             const auto start = std::chrono::steady_clock::now();
-             const auto [memory, seconds] = self.wait(i);
-             const std::chrono::duration<double> waited = std::chrono::steady_clock::now() - start;
-             auto [out, gate] = engram_kernels::engram_mix(hidden, memory, key_scale, state, slots, norm_weight,
-                                                           taps, dilation, gate_eps, conv_eps);
-             return std::make_tuple(out, gate, seconds, waited.count());
-           },
-           nogil);
+      .def("mix", &PrefetchTicket::mix, nogil)
+      .def("stats", &PrefetchTicket::stats);
   pybind11::class_<RowPrefetcher>(m, "RowPrefetcher")
-      .def(pybind11::init([](const std::vector<Layer>& layers) {  // (table, weight | None, bias | None,
-             std::vector<engram_kernels::LayerJob> jobs;                // result shape, dtype) per layer
+      .def(pybind11::init([](const std::vector<Layer>& layers, const std::optional<Hash>& hash) {
+             std::vector<engram_kernels::LayerJob> jobs;
              jobs.reserve(layers.size());
-             for (const auto& [table, weight, bias, shape, dtype] : layers) jobs.push_back({table, weight, bias, shape, dtype});
-             return std::make_unique<RowPrefetcher>(std::move(jobs));
+             for (const auto& [table, weight, bias, shape, dtype, mix] : layers) {
+               std::optional<engram_kernels::MixJob> mix_job;
+               if (mix) {
+                 const auto& [state, key_scale, norm_weight, taps, dilation, gate_eps, conv_eps] = *mix;
+                 mix_job = engram_kernels::MixJob{state, key_scale, norm_weight, taps, dilation, gate_eps, conv_eps};
+               }
+               jobs.push_back({table, weight, bias, shape, dtype, std::move(mix_job)});
+             }
+             std::optional<engram_kernels::RowHash> row_hash;
+             if (hash) {
+               const auto& [lookup, pad, multipliers, primes, offsets] = *hash;
+               row_hash = engram_kernels::RowHash{lookup, pad, multipliers, primes, offsets};
+             }
+             return std::make_unique<RowPrefetcher>(std::move(jobs), std::move(row_hash));
            }))
       .def("submit", &RowPrefetcher::submit)  // row ids per layer, in the constructor's order
+      .def("submit_tokens", &RowPrefetcher::submit_tokens)  // token windows [B, skip + T], skip, slots | None
       .def("close", &RowPrefetcher::close, nogil);
 }

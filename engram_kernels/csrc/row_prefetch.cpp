@@ -6,8 +6,9 @@
 // never touches Python: a step's jobs (per Engram layer: gather and decode the rows,
 // project them with the layer's key and value weights) run here while the forward
 // computes, and the engine thread waits for one layer's result with the GIL released.
-// The per-layer parts (table, weights, shapes) are given once, at construction: a step
-// hands over its row ids alone, which keeps the engine thread's share to one short call.
+// The per-layer parts (table, weights, shapes) and the N-gram hash are given once, at
+// construction: a decode step hands over its token windows alone and is hashed here (row ids
+// depend on token ids alone), which keeps the engine thread's share to one short call.
 //
 // The projection runs on this thread alone (linear_rows without torch's intra-op
 // threads): the server leaves one core for this thread and the HTTP side.
@@ -21,22 +22,64 @@
 
 namespace engram_kernels {
 
+namespace {
+
+// Runs fn; its error as (message, whether it is an IndexError), or ("", false).
+template <typename Fn>
+std::pair<std::string, bool> caught(Fn&& fn) {
+  try {
+    fn();
+  } catch (const c10::IndexError& e) {
+    return {e.what_without_backtrace(), true};
+  } catch (const c10::Error& e) {
+    return {e.what_without_backtrace(), false};
+  } catch (const std::exception& e) {
+    return {e.what(), false};
+  }
+  return {"", false};
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
 PrefetchTicket::PrefetchTicket(LayerJobs layers, std::vector<at::Tensor> rows)
     : layers_(std::move(layers)), rows_(std::move(rows)), results_(rows_.size()), errors_(rows_.size()),
-      index_errors_(rows_.size()), seconds_(rows_.size()) {
+      index_errors_(rows_.size()), seconds_(rows_.size()), waited_(rows_.size(), -1) {
   TORCH_CHECK(rows_.size() == layers_->size(), "a step needs row ids for each of the ", layers_->size(),
               " layers, got ", rows_.size());
 }
 
+PrefetchTicket::PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash, at::Tensor windows,
+                               int64_t skip, std::optional<at::Tensor> slots)
+    : layers_(std::move(layers)), hash_(std::move(hash)), windows_(std::move(windows)), skip_(skip),
+      slots_(std::move(slots)), rows_(layers_->size()), results_(layers_->size()), errors_(layers_->size()),
+      index_errors_(layers_->size()), seconds_(layers_->size()), waited_(layers_->size(), -1) {
+  TORCH_CHECK(hash_ != nullptr, "this RowPrefetcher has no hash: submit row ids instead of tokens");
+}
+
+void PrefetchTicket::hash_rows() {
+  const RowHash& h = *hash_;
+  const at::Tensor all = ngram_rows(windows_, h.lookup, h.pad, h.multipliers, h.primes, h.offsets, skip_);
+  for (size_t i = 0; i < rows_.size(); ++i) rows_[i] = all[i].reshape({-1, all.size(-1)});
+}
+
 void PrefetchTicket::run() {
+  auto start = std::chrono::steady_clock::now();  // the first layer's time includes the hash
+  if (windows_.defined()) {
+    const auto [error, index_error] = caught([&] { hash_rows(); });
+    if (!error.empty()) {  // no layer has rows: each reports the hash's error
+      for (size_t i = 0; i < rows_.size(); ++i) finish(i, {}, "hashing the step's tokens: " + error, index_error, 0);
+      return;
+    }
+  }
   for (size_t i = 0; i < rows_.size(); ++i) {
-    const auto start = std::chrono::steady_clock::now();
     const LayerJob& job = (*layers_)[i];
     const at::Tensor& ids = rows_[i];
     at::Tensor out;
-    std::string error;
-    bool index_error = false;
-    try {
+    auto [error, index_error] = caught([&] {
       if (job.weight.has_value()) {
         TORCH_CHECK(ids.dim() == 2, "rows to project must be [tokens, heads]");
         const at::Tensor rows = gather_rows(job.table, ids, job.dtype).view({ids.size(0), -1});
@@ -45,50 +88,80 @@ void PrefetchTicket::run() {
         out = gather_rows(job.table, ids, job.dtype);
       }
       out = out.view(job.shape);
-    } catch (const c10::IndexError& e) {
-      error = e.what_without_backtrace();
-      index_error = true;
-    } catch (const c10::Error& e) {
-      error = e.what_without_backtrace();
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      results_[i] = std::move(out);
-      errors_[i] = std::move(error);
-      index_errors_[i] = index_error;
-      seconds_[i] = took.count();
-      done_ = i + 1;
-    }
-    cv_.notify_all();
+    });
+    finish(i, std::move(out), std::move(error), index_error, seconds_since(start));
+    start = std::chrono::steady_clock::now();
   }
 }
 
-std::tuple<at::Tensor, double> PrefetchTicket::wait(int64_t i) {
-  TORCH_CHECK(0 <= i && i < static_cast<int64_t>(rows_.size()), "this ticket has no layer ", i);
-  std::unique_lock<std::mutex> lock(mutex_);
-  cv_.wait(lock, [&] { return done_ > static_cast<size_t>(i); });
-  TORCH_CHECK_INDEX(!index_errors_[i], errors_[i]);
-  TORCH_CHECK(errors_[i].empty(), errors_[i]);
-  return {results_[i], seconds_[i]};
+void PrefetchTicket::finish(size_t i, at::Tensor out, std::string error, bool index_error, double seconds) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    results_[i] = std::move(out);
+    errors_[i] = std::move(error);
+    index_errors_[i] = index_error;
+    seconds_[i] = seconds;
+    done_ = i + 1;
+  }
+  cv_.notify_all();
 }
 
-RowPrefetcher::RowPrefetcher(std::vector<LayerJob> layers)
-    : layers_(std::make_shared<const std::vector<LayerJob>>(std::move(layers))), worker_([this] { loop(); }) {}
+at::Tensor PrefetchTicket::wait(int64_t i) {
+  TORCH_CHECK(0 <= i && i < static_cast<int64_t>(rows_.size()), "this ticket has no layer ", i);
+  const auto start = std::chrono::steady_clock::now();
+  std::unique_lock<std::mutex> lock(mutex_);
+  cv_.wait(lock, [&] { return done_ > static_cast<size_t>(i); });
+  waited_[i] = seconds_since(start);
+  TORCH_CHECK_INDEX(!index_errors_[i], errors_[i]);
+  TORCH_CHECK(errors_[i].empty(), errors_[i]);
+  return results_[i];
+}
+
+std::tuple<at::Tensor, at::Tensor> PrefetchTicket::mix(int64_t i, const at::Tensor& hidden) {
+  const at::Tensor memory = wait(i);
+  const std::optional<MixJob>& job = (*layers_)[i].mix;
+  TORCH_CHECK(job.has_value() && slots_.has_value(), "mix() needs the layer's mix job and the step's slots");
+  return engram_mix(hidden, memory, job->key_scale, job->state, *slots_, job->norm_weight, job->taps, job->dilation,
+                    job->gate_eps, job->conv_eps);
+}
+
+std::vector<std::tuple<int64_t, at::Tensor, double, double>> PrefetchTicket::stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::tuple<int64_t, at::Tensor, double, double>> out;
+  for (size_t i = 0; i < done_; ++i) {
+    if (waited_[i] < 0) continue;
+    out.emplace_back(i, errors_[i].empty() ? rows_[i] : at::Tensor(), seconds_[i], waited_[i]);
+  }
+  return out;
+}
+
+RowPrefetcher::RowPrefetcher(std::vector<LayerJob> layers, std::optional<RowHash> hash)
+    : layers_(std::make_shared<const std::vector<LayerJob>>(std::move(layers))),
+      hash_(hash ? std::make_shared<const RowHash>(std::move(*hash)) : nullptr),
+      worker_([this] { loop(); }) {}
 
 RowPrefetcher::~RowPrefetcher() { close(); }
 
 std::shared_ptr<PrefetchTicket> RowPrefetcher::submit(std::vector<at::Tensor> rows) {
   auto ticket = std::make_shared<PrefetchTicket>(layers_, std::move(rows));
+  enqueue(ticket);
+  return ticket;
+}
+
+std::shared_ptr<PrefetchTicket> RowPrefetcher::submit_tokens(at::Tensor windows, int64_t skip,
+                                                             std::optional<at::Tensor> slots) {
+  auto ticket = std::make_shared<PrefetchTicket>(layers_, hash_, std::move(windows), skip, std::move(slots));
+  enqueue(ticket);
+  return ticket;
+}
+
+void RowPrefetcher::enqueue(std::shared_ptr<PrefetchTicket> ticket) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     TORCH_CHECK(!closed_, "submit() on a closed RowPrefetcher");
-    queue_.push_back(ticket);
+    queue_.push_back(std::move(ticket));
   }
   cv_.notify_one();
-  return ticket;
 }
 
 void RowPrefetcher::close() {

@@ -16,33 +16,68 @@
 
 namespace engram_kernels {
 
+// A decode step's half of the Engram layer that needs the hidden state (engram_mix), as a
+// ticket's mix() runs it: the layer's conv state (updated in place) and weights.
+struct MixJob {
+  at::Tensor state, key_scale, norm_weight, taps;
+  int64_t dilation;
+  double gate_eps, conv_eps;
+};
+
 // What the worker does with one layer's rows, fixed for the worker's life: gather them from
 // `table` (gather_rows), then, if `weight` is given, project them (flattened per token)
-// @ weight.T + bias; the result is viewed as `shape`.
+// @ weight.T + bias; the result is viewed as `shape`. `mix`, if given, is what mix() does with it.
 struct LayerJob {
   at::Tensor table;
   std::optional<at::Tensor> weight, bias;
   std::vector<int64_t> shape;
   at::ScalarType dtype;  // the rows are decoded into it (then projected in float32)
+  std::optional<MixJob> mix;
 };
 using LayerJobs = std::shared_ptr<const std::vector<LayerJob>>;
 
-// One engine step: per layer, in order, the row ids its job runs on; wait(i) blocks until
-// layer i is done.
+// NgramHasher's arithmetic as ngram_rows' arguments, layers in the jobs' order, offsets
+// included (global row ids): a step handed over as token windows is hashed on the worker.
+struct RowHash {
+  at::Tensor lookup;
+  int64_t pad;
+  at::Tensor multipliers, primes, offsets;
+};
+
+// One engine step: per layer, in order, the row ids its job runs on (given, or hashed first
+// from the step's token windows); wait(i) blocks until layer i is done. The ticket keeps its
+// statistics (the worker's time per layer, the engine thread's wait) for stats().
 class PrefetchTicket {
  public:
   PrefetchTicket(LayerJobs layers, std::vector<at::Tensor> rows);
+  // windows [B, skip + T] token ids: each row's T new tokens after `skip` of context; slots
+  // [B]: the rows' conv state rows, for mix()
+  PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash, at::Tensor windows, int64_t skip,
+                 std::optional<at::Tensor> slots);
   void run();
-  // layer i's result and how long the worker took for it; raises its error (IndexError for a bad row id)
-  std::tuple<at::Tensor, double> wait(int64_t i);
+  // layer i's result; raises its error (IndexError for a bad row id)
+  at::Tensor wait(int64_t i);
+  // the layer's mix job on hidden [B, 1, D] and wait(i), one new token per row at the ticket's
+  // slots -> (out [B, 1, D], gate [B, 1])
+  std::tuple<at::Tensor, at::Tensor> mix(int64_t i, const at::Tensor& hidden);
+  // per layer waited for: (i, its row ids or an undefined tensor if its job failed, the worker's
+  // seconds, the seconds waited)
+  std::vector<std::tuple<int64_t, at::Tensor, double, double>> stats();
 
  private:
+  void hash_rows();
+  void finish(size_t i, at::Tensor out, std::string error, bool index_error, double seconds);
   LayerJobs layers_;
+  std::shared_ptr<const RowHash> hash_;
+  at::Tensor windows_;
+  int64_t skip_ = 0;
+  std::optional<at::Tensor> slots_;
   std::vector<at::Tensor> rows_;
   std::vector<at::Tensor> results_;
   std::vector<std::string> errors_;
   std::vector<bool> index_errors_;
   std::vector<double> seconds_;
+  std::vector<double> waited_;  // negative: not waited for
   size_t done_ = 0;
   std::mutex mutex_;
   std::condition_variable cv_;
@@ -50,15 +85,20 @@ class PrefetchTicket {
 
 class RowPrefetcher {
  public:
-  explicit RowPrefetcher(std::vector<LayerJob> layers);
+  RowPrefetcher(std::vector<LayerJob> layers, std::optional<RowHash> hash);
   ~RowPrefetcher();
   // rows[i]: int64 row ids for layer i, [tokens, heads] (a projected layer needs two dimensions)
   std::shared_ptr<PrefetchTicket> submit(std::vector<at::Tensor> rows);
+  // token windows [B, skip + T], int64, hashed on the worker (needs the constructor's hash);
+  // slots as the ticket's
+  std::shared_ptr<PrefetchTicket> submit_tokens(at::Tensor windows, int64_t skip, std::optional<at::Tensor> slots);
   void close();  // runs what is queued, then stops the thread
 
  private:
   void loop();
+  void enqueue(std::shared_ptr<PrefetchTicket> ticket);
   LayerJobs layers_;
+  std::shared_ptr<const RowHash> hash_;
   std::deque<std::shared_ptr<PrefetchTicket>> queue_;
   bool closed_ = false;
   std::mutex mutex_;

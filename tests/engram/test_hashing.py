@@ -62,7 +62,7 @@ def test_batched_hash_equals_each_row_alone(hasher, golden_hash):
 
 def test_last_window_position_equals_full_hash_at_every_position(hasher):
     """A decode step hashes only each sequence's newest N tokens, left-padded with raw pad_id at
-    the sequence start (EngramRuntime.step_rows): its last position must equal the full hash."""
+    the sequence start (EngramRuntime.step_windows): its last position must equal the full hash."""
     rng = np.random.default_rng(1)
     ids = rng.integers(0, hasher.ct.vocab_size, size=(3, 12))
     full = hasher.hash(ids)

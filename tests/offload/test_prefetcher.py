@@ -1,5 +1,5 @@
 """Prefetcher: rows never cross steps or sequences; worker errors surface in wait(); the native
-worker returns what the Python worker does."""
+worker returns (and hashes) what the Python worker (and the hasher) does."""
 import os
 import threading
 
@@ -8,6 +8,9 @@ import pytest
 import torch
 
 import engram_kernels as kernels
+from engram_runtime.compression import CompressedTokenizer
+from engram_runtime.engram_config import EngramConfig
+from engram_runtime.hashing import NgramHasher
 from offload.prefetch import NativeTicket, PrefetchError, Prefetcher, Projection, WorkerTicket
 from offload.store import TableSet
 
@@ -174,7 +177,42 @@ def test_native_worker_bad_row_is_a_clear_error_and_later_steps_still_run(ckpt_f
         ticket = prefetcher.submit({1: np.zeros((1, 4), np.int64), 15: np.full((1, 4), num_rows, np.int64)},
                                    global_ids=True)
         with pytest.raises(PrefetchError, match=bad_row):  # wait and the decode kernel in one call: the same error
-            ticket.mix(15, *[torch.zeros(1)] * 6, 1, 1e-6, 1e-5)
+            ticket.mix(15, torch.zeros(1, 1, 8))
         ticket = prefetcher.submit({1: np.ones((2, 4), np.int64), 15: np.ones((2, 4), np.int64)})
         assert torch.equal(ticket.wait(15)[..., 0], torch.from_numpy(ckpt.values[15][ckpt.head_offsets[15] + 1, 0]
                                                                      .expand(2, 4).numpy()))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the native kernels")
+def test_submit_tokens_hashes_where_the_step_runs_as_the_hasher_does(ckpt_factory):
+    """A step given as token windows: decode-size steps are hashed on the native worker, larger
+    ones by the hasher in the caller's thread; either way the rows are the hasher's global row ids
+    (layers in any config order), the statistics count them, and a token the hasher rejects is a
+    PrefetchError for that step alone."""
+    cfg = EngramConfig(engram_vocab_size=[100, 100], max_ngram_size=3, n_embed_per_ngram=128, n_head_per_ngram=2,
+                       layer_ids=[15, 1], pad_id=0)
+    vocab = 60
+    hasher = NgramHasher(cfg, CompressedTokenizer(np.arange(vocab) % 23))
+    ckpt = ckpt_factory(head_sizes={layer: sum(hasher.table_sizes[layer], []) for layer in (1, 15)})
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement="host", progress=False)
+    rng = np.random.default_rng(0)
+    touched = {1: set(), 15: set()}
+    with Prefetcher(tables, ckpt.head_offsets, hasher=hasher) as prefetcher:
+        for batch, new_tokens, kind in ((1, 1, NativeTicket), (3, 1, NativeTicket), (2, 40, WorkerTicket)):
+            windows = rng.integers(0, vocab, (batch, 2 + new_tokens))
+            ticket = prefetcher.submit_tokens(windows, 2)
+            assert type(ticket) is kind
+            hashed = hasher.hash(windows, context=2, global_ids=True)
+            for layer in (1, 15):
+                rows = hashed[layer].reshape(-1, 4)
+                assert torch.equal(ticket.wait(layer), tables[layer].gather(rows).view(-1, 4, 64))
+                touched[layer].update(rows.reshape(-1).tolist())
+        stats = tables.stats.snapshot()
+        for layer in (1, 15):
+            assert stats[layer]["rows_touched"] == len(touched[layer])
+        ticket = prefetcher.submit_tokens(np.array([[0, 1, vocab]]), 2)
+        with pytest.raises(PrefetchError, match=f"layer 1.*token id {vocab} is outside the vocabulary"):
+            ticket.wait(1)
+        windows = np.array([[0, 1, 2]])
+        rows = hasher.hash(windows, context=2, global_ids=True)[15].reshape(-1, 4)
+        assert torch.equal(prefetcher.submit_tokens(windows, 2).wait(15), tables[15].gather(rows).view(1, 4, 64))

@@ -51,13 +51,13 @@ def test_recorded_later_reaches_readers_and_observers():
     stats.add_observer(lambda kind, layer, s: seen.append(kind))
 
     def step(i):
-        return lambda: [Gather(1, 4, 0, np.array([i % 64]), 4, 512, 1e-4)]
+        return lambda: ([Gather(1, 4, 0, np.array([i % 64]), 4, 512, 1e-4)], [(1, 2e-5)])
 
-    stats.record_later(step(0), [(1, 2e-5)])
+    stats.record_later(step(0))
     assert seen == []
     assert stats.snapshot()[1]["lookups"] == 4 and seen == ["gather", "wait"]
     for i in range(_LATER_BATCH):
-        stats.record_later(step(i), [(1, 2e-5)])
+        stats.record_later(step(i))
     assert len(seen) == 2 + 2 * _LATER_BATCH  # the batch filled up: recorded without a reader
     snap = stats.snapshot()[1]
     assert (snap["lookups"], snap["waits"], snap["rows_touched"]) == (4 * (_LATER_BATCH + 1), _LATER_BATCH + 1, 64)
