@@ -25,10 +25,11 @@ from offload.store import TableSet
 
 
 class EngramStepHook:
-    """Called by the decoder blocks as `engram(layer_id, hidden [B, T, D]) -> [B, T, D]`."""
+    """Called by the decoder blocks as `engram(layer_id, hidden [B, T, D])` -> hidden + the
+    Engram layer's output [B, T, D]."""
 
-    def __init__(self, runtime: "EngramRuntime", ticket: Ticket, rows: list[Row], slots: torch.Tensor):
-        self.runtime, self.ticket, self.slots = runtime, ticket, slots
+    def __init__(self, runtime: "EngramRuntime", ticket: Ticket, rows: list[Row], slots: list[int]):
+        self.runtime, self.ticket = runtime, ticket
         lengths = [len(r.token_ids) for r in rows]
         padded = min(lengths) != max(lengths)  # right-padded rows: the conv state needs their lengths
         self.lengths = torch.tensor(lengths) if padded else None
@@ -39,32 +40,34 @@ class EngramStepHook:
         # conv states and weights EngramRuntime.prepare gave it)
         self._decode = max(lengths) == 1 and kernels.available()
         self._native = self._decode and isinstance(ticket, NativeTicket)
+        self.slots = None if self._native else torch.tensor(slots)  # the native ticket has them
         self._gates: dict[int, torch.Tensor] = {}
         self._gate_means: dict[int, list[float]] | None = None
 
     def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
-        if self._native:  # hidden [B, 1, D] is decode_step's [B, hc = 1, D]
-            out, self._gates[layer_id] = self.ticket.mix(layer_id, hidden)
-            return out
+        if self._native:  # hidden [B, 1, D] is decode_step's [B, hc = 1, D]; the ticket keeps the gates
+            return self.ticket.mix(layer_id, hidden)
         layer = self.runtime.layers[layer_id]
         conv_state = self.runtime.conv_states[layer_id]
         if self._decode:  # the rows' keys and value, computed by the prefetcher
             out = layer.decode_step(hidden, self.ticket.wait(layer_id), conv_state, self.slots)
             self._gates[layer_id] = layer.last_gate
-            return out
+            return hidden + out
         memory = self.ticket.wait(layer_id)  # the rows' keys and value, computed by the prefetcher
         B, T, _ = hidden.shape
         out = layer.mix(hidden.unsqueeze(2), memory.view(B, T, *memory.shape[1:]),
                         conv_state, self.lengths, self.slots)
         self._gates[layer_id] = layer.last_gate[self._newest]  # [B, hc]: each row's newest token
-        return out.squeeze(2)
+        return hidden + out.squeeze(2)
 
     def gates(self, row: int) -> dict[int, float]:
         """Each layer's mean gate over the branches for this row's newest token; the first call
-        reduces every layer and row at once, with one tolist() per layer and Python sums over the
-        few branches (torch ops here cost ~40 us each with the caches the forward left)."""
+        reduces every layer and row at once: in the native ticket, or with one tolist() per layer
+        and Python sums over the few branches (torch ops here cost ~40 us each with the caches the
+        forward left)."""
         if self._gate_means is None:
-            self._gate_means = {lid: [sum(g) / len(g) for g in gates.tolist()] for lid, gates in self._gates.items()}
+            self._gate_means = self.ticket.gate_means() if self._native else {
+                lid: [sum(g) / len(g) for g in gates.tolist()] for lid, gates in self._gates.items()}
         return {lid: g[row] for lid, g in self._gate_means.items()}
 
 
@@ -137,7 +140,7 @@ class EngramRuntime:
 
     def step_hook(self, token_ids: list[list[int]], rows: list[Row]) -> EngramStepHook:
         """Submit this forward's tokens now; the returned hook is the model's `engram`."""
-        slots = torch.tensor([r.slot for r in rows])
+        slots = [r.slot for r in rows]
         ticket = self.prefetcher.submit_tokens(self.step_windows(token_ids, rows), self.ngram - 1, slots)
         fresh = [r.slot for r in rows if r.start_pos == 0]
         if fresh:

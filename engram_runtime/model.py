@@ -24,7 +24,8 @@ from engram_runtime.config import ModelConfig
 
 
 class EngramHook(Protocol):
-    """What a decoder block asks at an Engram layer: the value to add to the residual."""
+    """What a decoder block asks at an Engram layer: the residual stream `hidden` with the
+    layer's output added (the hook adds it: the native path does it inside its one call)."""
 
     def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor: ...
 
@@ -204,7 +205,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, a: AttentionInputs | DecodeInputs, engram: EngramHook | None) -> torch.Tensor:
         if self.has_engram and engram is not None:
-            x = x + engram(self.layer_id, x)  # Engram memory joins the residual before attention
+            x = engram(self.layer_id, x)  # Engram memory joins the residual before attention
         h = self.attention_norm(x, self.attention.wqkv.dtype)
         x, h = kernels.add_rms_norm(x, self.attention(h, a), self.ffn_norm.weight, self.ffn_norm.eps,
                                     self.feed_forward.w13.dtype)

@@ -39,7 +39,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -164,13 +164,18 @@ class NativeTicket(Ticket):
     def wait(self, layer_id: int) -> torch.Tensor:
         return self._call(self._native.wait, layer_id)
 
-    def mix(self, layer_id: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """EngramLayer.decode_step on this layer's result, the wait included, as one native call
-        with the conv state and weights the worker was given (Projection.mix) at the step's slots
-        (submit_tokens): hidden [B, 1, D] -> (out [B, 1, D], gate [B, 1]). The forward of a decode
-        step calls it at each Engram layer, where every Python frame is slow with the caches the
-        backbone's weights have just flushed: wait() then decode_step() were a dozen."""
+    def mix(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden + EngramLayer.decode_step on this layer's result, the wait included, as one
+        native call with the conv state and weights the worker was given (Projection.mix) at the
+        step's slots (submit_tokens): hidden [B, 1, D] -> [B, 1, D]. The forward of a decode step
+        calls it at each Engram layer, where every Python frame and torch op is slow with the
+        caches the backbone's weights have just flushed: wait(), decode_step() and the residual
+        add were a dozen frames and three calls."""
         return self._call(self._native.mix, layer_id, hidden)
+
+    def gate_means(self) -> dict[int, list[float]]:
+        """Per layer mixed so far, each row's gate averaged over the branches (one native call)."""
+        return {layer: means for layer, means in zip(self.layer_ids, self._native.gate_means()) if means}
 
     def _call(self, fn, layer_id: int, *args):
         """fn (a native ticket method) for the layer's job; an error as a PrefetchError naming the
@@ -299,12 +304,12 @@ class Prefetcher:
             self._queue.put(ticket)
         return ticket
 
-    def submit_tokens(self, windows: np.ndarray, context: int, slots: torch.Tensor | None = None) -> Ticket:
+    def submit_tokens(self, windows: np.ndarray, context: int, slots: Sequence[int] = ()) -> Ticket:
         """A step given as token windows [B, context + T] (int64: each row's T new tokens after the
         `context` tokens before them): its rows hasher.hash(windows, context=context,
         global_ids=True), flattened to [B * T, heads] per layer, submitted; returns at once. The
-        native worker hashes the steps it takes itself, off the caller's thread; `slots` [B] (int64:
-        the rows' conv state rows) are for NativeTicket.mix."""
+        native worker hashes the steps it takes itself, off the caller's thread; `slots` (the rows'
+        conv state rows) are for NativeTicket.mix."""
         if self._closed:
             raise RuntimeError("submit_tokens() on a closed Prefetcher")
         if self.hasher is None:

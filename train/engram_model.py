@@ -113,7 +113,7 @@ class EngramLM:
         b, t = ids.shape
 
         def hook(layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
-            return self.engram[layer_id](hidden.unsqueeze(2), emb[layer_id]).squeeze(2)
+            return hidden + self.engram[layer_id](hidden.unsqueeze(2), emb[layer_id]).squeeze(2)
 
         input_ids, attn = self._inputs(ids)
         return self.backbone(input_ids, attn, engram=hook if emb is not None else None).view(b, t, -1)

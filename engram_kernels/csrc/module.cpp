@@ -36,6 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<PrefetchTicket, std::shared_ptr<PrefetchTicket>>(m, "PrefetchTicket")
       .def("wait", &PrefetchTicket::wait, nogil)
       .def("mix", &PrefetchTicket::mix, nogil)
+      .def("gate_means", &PrefetchTicket::gate_means)
       .def("stats", &PrefetchTicket::stats);
   pybind11::class_<RowPrefetcher>(m, "RowPrefetcher")
       .def(pybind11::init([](const std::vector<Layer>& layers, const std::optional<Hash>& hash) {
@@ -57,6 +58,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              return std::make_unique<RowPrefetcher>(std::move(jobs), std::move(row_hash));
            }))
       .def("submit", &RowPrefetcher::submit)  // row ids per layer, in the constructor's order
-      .def("submit_tokens", &RowPrefetcher::submit_tokens)  // token windows [B, skip + T], skip, slots | None
+      .def("submit_tokens", &RowPrefetcher::submit_tokens)  // token windows [B, skip + T], skip, slots
       .def("close", &RowPrefetcher::close, nogil);
 }

@@ -53,10 +53,11 @@ PrefetchTicket::PrefetchTicket(LayerJobs layers, std::vector<at::Tensor> rows)
 }
 
 PrefetchTicket::PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash, at::Tensor windows,
-                               int64_t skip, std::optional<at::Tensor> slots)
+                               int64_t skip, const std::vector<int64_t>& slots)
     : layers_(std::move(layers)), hash_(std::move(hash)), windows_(std::move(windows)), skip_(skip),
-      slots_(std::move(slots)), rows_(layers_->size()), results_(layers_->size()), errors_(layers_->size()),
-      index_errors_(layers_->size()), seconds_(layers_->size()), waited_(layers_->size(), -1) {
+      slots_(at::tensor(slots, at::kLong)), gates_(layers_->size()), rows_(layers_->size()),
+      results_(layers_->size()), errors_(layers_->size()), index_errors_(layers_->size()),
+      seconds_(layers_->size()), waited_(layers_->size(), -1) {
   TORCH_CHECK(hash_ != nullptr, "this RowPrefetcher has no hash: submit row ids instead of tokens");
 }
 
@@ -117,12 +118,40 @@ at::Tensor PrefetchTicket::wait(int64_t i) {
   return results_[i];
 }
 
-std::tuple<at::Tensor, at::Tensor> PrefetchTicket::mix(int64_t i, const at::Tensor& hidden) {
+at::Tensor PrefetchTicket::mix(int64_t i, const at::Tensor& hidden) {
   const at::Tensor memory = wait(i);
   const std::optional<MixJob>& job = (*layers_)[i].mix;
-  TORCH_CHECK(job.has_value() && slots_.has_value(), "mix() needs the layer's mix job and the step's slots");
-  return engram_mix(hidden, memory, job->key_scale, job->state, *slots_, job->norm_weight, job->taps, job->dilation,
-                    job->gate_eps, job->conv_eps);
+  TORCH_CHECK(job.has_value() && slots_.defined(), "mix() needs the layer's mix job and the step's slots");
+  auto [out, gate] = engram_mix(hidden, memory, job->key_scale, job->state, slots_, job->norm_weight, job->taps,
+                                job->dilation, job->gate_eps, job->conv_eps);
+  gates_[i] = std::move(gate);  // the engine thread's alone: wait() is what the worker shares
+  // the residual add as a loop here rather than a torch op in Python (engram_mix has checked
+  // that hidden is contiguous float32, the shape of out)
+  float* o = out.data_ptr<float>();
+  const float* h = hidden.data_ptr<float>();
+  for (int64_t k = 0; k < out.numel(); ++k) o[k] += h[k];
+  return out;
+}
+
+std::vector<std::vector<double>> PrefetchTicket::gate_means() {
+  std::vector<std::vector<double>> out;
+  for (const at::Tensor& gate : gates_) {
+    if (!gate.defined()) {
+      out.push_back({});
+      continue;
+    }
+    // a plain loop: at::mean costs tens of microseconds here, with the caches the forward left
+    const int64_t rows = gate.size(0), branches = gate.size(1);
+    const float* g = gate.data_ptr<float>();  // engram_mix's gate: [rows, branches], contiguous
+    std::vector<double> means(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      double sum = 0;
+      for (int64_t k = 0; k < branches; ++k) sum += g[r * branches + k];
+      means[r] = sum / branches;
+    }
+    out.push_back(std::move(means));
+  }
+  return out;
 }
 
 std::vector<std::tuple<int64_t, at::Tensor, double, double>> PrefetchTicket::stats() {
@@ -149,8 +178,8 @@ std::shared_ptr<PrefetchTicket> RowPrefetcher::submit(std::vector<at::Tensor> ro
 }
 
 std::shared_ptr<PrefetchTicket> RowPrefetcher::submit_tokens(at::Tensor windows, int64_t skip,
-                                                             std::optional<at::Tensor> slots) {
-  auto ticket = std::make_shared<PrefetchTicket>(layers_, hash_, std::move(windows), skip, std::move(slots));
+                                                             const std::vector<int64_t>& slots) {
+  auto ticket = std::make_shared<PrefetchTicket>(layers_, hash_, std::move(windows), skip, slots);
   enqueue(ticket);
   return ticket;
 }

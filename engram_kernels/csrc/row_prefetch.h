@@ -50,16 +50,18 @@ struct RowHash {
 class PrefetchTicket {
  public:
   PrefetchTicket(LayerJobs layers, std::vector<at::Tensor> rows);
-  // windows [B, skip + T] token ids: each row's T new tokens after `skip` of context; slots
-  // [B]: the rows' conv state rows, for mix()
+  // windows [B, skip + T] token ids: each row's T new tokens after `skip` of context; slots:
+  // the rows' conv state rows, for mix()
   PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash, at::Tensor windows, int64_t skip,
-                 std::optional<at::Tensor> slots);
+                 const std::vector<int64_t>& slots);
   void run();
   // layer i's result; raises its error (IndexError for a bad row id)
   at::Tensor wait(int64_t i);
-  // the layer's mix job on hidden [B, 1, D] and wait(i), one new token per row at the ticket's
-  // slots -> (out [B, 1, D], gate [B, 1])
-  std::tuple<at::Tensor, at::Tensor> mix(int64_t i, const at::Tensor& hidden);
+  // hidden + the layer's mix job on hidden [B, 1, D] and wait(i), one new token per row at the
+  // ticket's slots -> [B, 1, D]; the gate [B, 1] is kept for gate_means()
+  at::Tensor mix(int64_t i, const at::Tensor& hidden);
+  // per layer mixed (-1 for the others), in order: each row's gate, averaged over the branches
+  std::vector<std::vector<double>> gate_means();
   // per layer waited for: (i, its row ids or an undefined tensor if its job failed, the worker's
   // seconds, the seconds waited)
   std::vector<std::tuple<int64_t, at::Tensor, double, double>> stats();
@@ -71,7 +73,8 @@ class PrefetchTicket {
   std::shared_ptr<const RowHash> hash_;
   at::Tensor windows_;
   int64_t skip_ = 0;
-  std::optional<at::Tensor> slots_;
+  at::Tensor slots_;  // undefined: no mix()
+  std::vector<at::Tensor> gates_;
   std::vector<at::Tensor> rows_;
   std::vector<at::Tensor> results_;
   std::vector<std::string> errors_;
@@ -91,7 +94,7 @@ class RowPrefetcher {
   std::shared_ptr<PrefetchTicket> submit(std::vector<at::Tensor> rows);
   // token windows [B, skip + T], int64, hashed on the worker (needs the constructor's hash);
   // slots as the ticket's
-  std::shared_ptr<PrefetchTicket> submit_tokens(at::Tensor windows, int64_t skip, std::optional<at::Tensor> slots);
+  std::shared_ptr<PrefetchTicket> submit_tokens(at::Tensor windows, int64_t skip, const std::vector<int64_t>& slots);
   void close();  // runs what is queued, then stops the thread
 
  private:
