@@ -82,7 +82,6 @@ class EngramRuntime:
         self.layer_ids = sorted(layers)
         self.table_stats = tables.stats
         self.ngram = hasher.cfg.max_ngram_size
-        self.pad_id = hasher.cfg.pad_id
         runner.model.set_engram_layers(self.layer_ids)
 
     @classmethod
@@ -124,24 +123,14 @@ class EngramRuntime:
                                                mix=(self.conv_states[layer_id], *layer.decode_weights()))
         self.prefetcher.set_projections(projections)
 
-    def step_windows(self, token_ids: list[list[int]], rows: list[Row]) -> np.ndarray:
-        """The token windows [B, N - 1 + T] the (right-padded) batch of `rows` is hashed from: each
-        row's new tokens after its N - 1 previous ones; token_ids[b]: row b's sequence so far (at
-        least up to the row's last token)."""
-        n = self.ngram
-        T = max(len(r.token_ids) for r in rows)
-        windows = np.full((len(rows), T + n - 1), self.pad_id, dtype=np.int64)
-        for b, (ids, row) in enumerate(zip(token_ids, rows)):
-            start = row.start_pos
-            ctx = ids[max(0, start - (n - 1)) : start + len(row.token_ids)]
-            lead = max(0, (n - 1) - start)  # sequence start: left-pad like the reference
-            windows[b, lead : lead + len(ctx)] = ctx
-        return windows
-
     def step_hook(self, token_ids: list[list[int]], rows: list[Row]) -> EngramStepHook:
-        """Submit this forward's tokens now; the returned hook is the model's `engram`."""
+        """Submit this forward's tokens now (each row's new tokens after up to N - 1 before them,
+        NgramHasher.step_rows); the returned hook is the model's `engram`. token_ids[b]: row b's
+        sequence so far (at least up to the row's last token)."""
+        before = self.ngram - 1
+        contexts = [ids[max(0, r.start_pos - before) : r.start_pos + len(r.token_ids)] for ids, r in zip(token_ids, rows)]
         slots = [r.slot for r in rows]
-        ticket = self.prefetcher.submit_tokens(self.step_windows(token_ids, rows), self.ngram - 1, slots)
+        ticket = self.prefetcher.submit_tokens(contexts, [len(r.token_ids) for r in rows], slots)
         fresh = [r.slot for r in rows if r.start_pos == 0]
         if fresh:
             for states in self.conv_states.values():

@@ -114,13 +114,28 @@ class NgramHasher:
         self._mult_t, self._primes_t = torch.from_numpy(self._mult), torch.from_numpy(self._primes)
         self._offsets_t = {k: torch.from_numpy(v) for k, v in self._offsets.items()}
 
+    def step_rows(self, contexts: list[list[int]], new_tokens: list[int]) -> dict[int, np.ndarray]:
+        """Global row ids [B * T, heads_total] per layer for a step's B rows, right-padded to the
+        longest row's T: contexts[b] is row b's new_tokens[b] new tokens after up to N - 1 tokens
+        before them (fewer at the sequence start, which is left-padded like the reference), so
+        chunked prefill and decode hash exactly like one pass over the sequence. The native
+        prefetch worker does the same with kernel_args (csrc/row_prefetch.cpp)."""
+        skip = self.cfg.max_ngram_size - 1
+        windows = np.full((len(contexts), skip + max(new_tokens)), self.cfg.pad_id, dtype=np.int64)
+        for b, (ctx, new) in enumerate(zip(contexts, new_tokens)):
+            lead = skip + new - len(ctx)
+            windows[b, lead : lead + len(ctx)] = ctx
+        hashed = self.hash(windows, context=skip, global_ids=True)
+        return {lid: h.reshape(-1, h.shape[-1]) for lid, h in hashed.items()}
+
     def kernel_args(self, layer_ids: list[int]) -> tuple:
-        """engram_kernels.ngram_rows' arguments after the token ids, for global row ids of
-        `layer_ids` in that order: (lookup, pad, multipliers, primes, offsets). The native
-        prefetch worker hashes a decode step's tokens with them (offload.prefetch.Prefetcher)."""
+        """What the native prefetch worker needs for step_rows of `layer_ids`, in that order:
+        engram_kernels.ngram_rows' arguments after the token ids (lookup, pad, multipliers, primes,
+        offsets), then the raw pad id and N - 1 (offload.prefetch.Prefetcher)."""
         order = [self.cfg.layer_ids.index(lid) for lid in layer_ids]
         return (self._lookup_t, self.compressed_pad_id, torch.from_numpy(self._mult[order]),
-                torch.from_numpy(self._primes[order]), torch.from_numpy(self._offsets[True][order]))
+                torch.from_numpy(self._primes[order]), torch.from_numpy(self._offsets[True][order]),
+                self.cfg.pad_id, self.cfg.max_ngram_size - 1)
 
     def _rows(self, shifted: np.ndarray) -> dict[int, np.ndarray]:
         """shifted[k] holds the compressed id k positions back ([N, B, T]) -> {layer: [B, T, heads_total]}."""

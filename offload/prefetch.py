@@ -1,8 +1,9 @@
 """Prefetcher: start gathering a step's rows the moment its token ids are known.
 
 ``submit(rows)`` turns within-head row ids into global rows (adding each head's offset), queues a
-``Ticket`` and returns at once; ``submit_tokens(windows, context)`` takes a step's token ids
-instead and hashes them with the prefetcher's ``hasher`` (row ids depend on token ids alone). One worker thread serves tickets in submission order and layers
+``Ticket`` and returns at once; ``submit_tokens`` takes a step's token ids instead and hashes
+them with the prefetcher's ``hasher`` (row ids depend on token ids alone). One worker thread
+serves tickets in submission order and layers
 in ascending id (the order the forward needs them): for each layer it gathers into the table's
 staging buffers, moves the rows to the compute device inside the device's side stream, and
 records that layer's event. ``Ticket.wait(layer)`` blocks only if that event is not set yet.
@@ -71,7 +72,7 @@ class Projection:
 class Hasher(Protocol):
     """What submit_tokens needs of the row ids' hash (engram_runtime's NgramHasher)."""
 
-    def hash(self, token_ids: np.ndarray, *, context: int = 0, global_ids: bool = False) -> dict[int, np.ndarray]:
+    def step_rows(self, contexts: list[list[int]], new_tokens: list[int]) -> dict[int, np.ndarray]:
         ...
 
     def kernel_args(self, layer_ids: list[int]) -> tuple:
@@ -304,20 +305,18 @@ class Prefetcher:
             self._queue.put(ticket)
         return ticket
 
-    def submit_tokens(self, windows: np.ndarray, context: int, slots: Sequence[int] = ()) -> Ticket:
-        """A step given as token windows [B, context + T] (int64: each row's T new tokens after the
-        `context` tokens before them): its rows hasher.hash(windows, context=context,
-        global_ids=True), flattened to [B * T, heads] per layer, submitted; returns at once. The
+    def submit_tokens(self, contexts: list[list[int]], new_tokens: list[int], slots: Sequence[int] = ()) -> Ticket:
+        """A step given as token ids (hasher.step_rows' arguments: each row's new tokens after up
+        to N - 1 before them, and how many are new): its rows submitted; returns at once. The
         native worker hashes the steps it takes itself, off the caller's thread; `slots` (the rows'
         conv state rows) are for NativeTicket.mix."""
         if self._closed:
             raise RuntimeError("submit_tokens() on a closed Prefetcher")
         if self.hasher is None:
             raise RuntimeError("submit_tokens() needs a Prefetcher made with a hasher")
-        if self._native_takes(windows.shape[0] * (windows.shape[1] - context)):
-            return NativeTicket(self, self.native_worker.submit_tokens(torch.from_numpy(windows), context, slots))
-        hashed = self.hasher.hash(windows, context=context, global_ids=True)
-        return self.submit({layer: h.reshape(-1, h.shape[-1]) for layer, h in hashed.items()}, global_ids=True)
+        if self._native_takes(len(contexts) * max(new_tokens)):
+            return NativeTicket(self, self.native_worker.submit_tokens(contexts, new_tokens, slots))
+        return self.submit(self.hasher.step_rows(contexts, new_tokens), global_ids=True)
 
     def _native_takes(self, tokens: int) -> bool:
         """Whether a step of `tokens` tokens goes to the native worker (see set_projections)."""

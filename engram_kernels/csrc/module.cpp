@@ -16,8 +16,9 @@ namespace {
 using Mix = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, double, double>;
 using Layer = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::vector<int64_t>,
                          at::ScalarType, std::optional<Mix>>;
-// ngram_rows' (lookup, pad, multipliers, primes, offsets) for those layers
-using Hash = std::tuple<at::Tensor, int64_t, at::Tensor, at::Tensor, at::Tensor>;
+// NgramHasher.kernel_args: ngram_rows' (lookup, pad, multipliers, primes, offsets) for those
+// layers, the raw pad id, N - 1
+using Hash = std::tuple<at::Tensor, int64_t, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t>;
 
 }  // namespace
 
@@ -52,12 +53,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              }
              std::optional<engram_kernels::RowHash> row_hash;
              if (hash) {
-               const auto& [lookup, pad, multipliers, primes, offsets] = *hash;
-               row_hash = engram_kernels::RowHash{lookup, pad, multipliers, primes, offsets};
+               const auto& [lookup, pad, multipliers, primes, offsets, window_pad, skip] = *hash;
+               row_hash = engram_kernels::RowHash{lookup, pad, multipliers, primes, offsets, window_pad, skip};
              }
              return std::make_unique<RowPrefetcher>(std::move(jobs), std::move(row_hash));
            }))
       .def("submit", &RowPrefetcher::submit)  // row ids per layer, in the constructor's order
-      .def("submit_tokens", &RowPrefetcher::submit_tokens)  // token windows [B, skip + T], skip, slots
+      .def("submit_tokens", &RowPrefetcher::submit_tokens)  // contexts, new token counts, slots
       .def("close", &RowPrefetcher::close, nogil);
 }

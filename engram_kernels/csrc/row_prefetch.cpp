@@ -7,7 +7,7 @@
 // project them with the layer's key and value weights) run here while the forward
 // computes, and the engine thread waits for one layer's result with the GIL released.
 // The per-layer parts (table, weights, shapes) and the N-gram hash are given once, at
-// construction: a decode step hands over its token windows alone and is hashed here (row ids
+// construction: a decode step hands over its token ids alone and is hashed here (row ids
 // depend on token ids alone), which keeps the engine thread's share to one short call.
 //
 // The projection runs on this thread alone (linear_rows without torch's intra-op
@@ -16,6 +16,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <chrono>
 
 #include "kernels.h"
@@ -52,24 +53,37 @@ PrefetchTicket::PrefetchTicket(LayerJobs layers, std::vector<at::Tensor> rows)
               " layers, got ", rows_.size());
 }
 
-PrefetchTicket::PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash, at::Tensor windows,
-                               int64_t skip, const std::vector<int64_t>& slots)
-    : layers_(std::move(layers)), hash_(std::move(hash)), windows_(std::move(windows)), skip_(skip),
-      slots_(at::tensor(slots, at::kLong)), gates_(layers_->size()), rows_(layers_->size()),
+PrefetchTicket::PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash,
+                               std::vector<std::vector<int64_t>> contexts, std::vector<int64_t> new_tokens,
+                               const std::vector<int64_t>& slots)
+    : layers_(std::move(layers)), hash_(std::move(hash)), contexts_(std::move(contexts)),
+      new_tokens_(std::move(new_tokens)), slots_(at::tensor(slots, at::kLong)), gates_(layers_->size()), rows_(layers_->size()),
       results_(layers_->size()), errors_(layers_->size()), index_errors_(layers_->size()),
       seconds_(layers_->size()), waited_(layers_->size(), -1) {
   TORCH_CHECK(hash_ != nullptr, "this RowPrefetcher has no hash: submit row ids instead of tokens");
+  TORCH_CHECK(!contexts_.empty() && contexts_.size() == new_tokens_.size(), "one new-token count per row");
 }
 
 void PrefetchTicket::hash_rows() {
+  // the token windows [B, skip + T] (NgramHasher.step_rows), then ngram_rows
   const RowHash& h = *hash_;
-  const at::Tensor all = ngram_rows(windows_, h.lookup, h.pad, h.multipliers, h.primes, h.offsets, skip_);
+  const int64_t B = contexts_.size(), T = *std::max_element(new_tokens_.begin(), new_tokens_.end());
+  at::Tensor windows = at::full({B, h.skip + T}, h.window_pad, at::kLong);
+  int64_t* w = windows.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const std::vector<int64_t>& ctx = contexts_[b];
+    const int64_t lead = h.skip + new_tokens_[b] - static_cast<int64_t>(ctx.size());
+    TORCH_CHECK(0 <= lead && lead <= h.skip && new_tokens_[b] <= T, "row ", b, ": ", ctx.size(),
+                " tokens cannot be ", new_tokens_[b], " new ones after up to ", h.skip, " before them");
+    std::copy(ctx.begin(), ctx.end(), w + b * (h.skip + T) + lead);
+  }
+  const at::Tensor all = ngram_rows(windows, h.lookup, h.pad, h.multipliers, h.primes, h.offsets, h.skip);
   for (size_t i = 0; i < rows_.size(); ++i) rows_[i] = all[i].reshape({-1, all.size(-1)});
 }
 
 void PrefetchTicket::run() {
   auto start = std::chrono::steady_clock::now();  // the first layer's time includes the hash
-  if (windows_.defined()) {
+  if (hash_ != nullptr) {
     const auto [error, index_error] = caught([&] { hash_rows(); });
     if (!error.empty()) {  // no layer has rows: each reports the hash's error
       for (size_t i = 0; i < rows_.size(); ++i) finish(i, {}, "hashing the step's tokens: " + error, index_error, 0);
@@ -177,9 +191,10 @@ std::shared_ptr<PrefetchTicket> RowPrefetcher::submit(std::vector<at::Tensor> ro
   return ticket;
 }
 
-std::shared_ptr<PrefetchTicket> RowPrefetcher::submit_tokens(at::Tensor windows, int64_t skip,
+std::shared_ptr<PrefetchTicket> RowPrefetcher::submit_tokens(std::vector<std::vector<int64_t>> contexts,
+                                                             std::vector<int64_t> new_tokens,
                                                              const std::vector<int64_t>& slots) {
-  auto ticket = std::make_shared<PrefetchTicket>(layers_, hash_, std::move(windows), skip, slots);
+  auto ticket = std::make_shared<PrefetchTicket>(layers_, hash_, std::move(contexts), std::move(new_tokens), slots);
   enqueue(ticket);
   return ticket;
 }

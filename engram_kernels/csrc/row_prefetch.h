@@ -36,12 +36,14 @@ struct LayerJob {
 };
 using LayerJobs = std::shared_ptr<const std::vector<LayerJob>>;
 
-// NgramHasher's arithmetic as ngram_rows' arguments, layers in the jobs' order, offsets
-// included (global row ids): a step handed over as token windows is hashed on the worker.
+// NgramHasher.step_rows as data (NgramHasher.kernel_args): ngram_rows' arguments, layers in
+// the jobs' order, offsets included (global row ids), then the raw pad id and N - 1. A step
+// handed over as token ids is hashed on the worker.
 struct RowHash {
   at::Tensor lookup;
   int64_t pad;
   at::Tensor multipliers, primes, offsets;
+  int64_t window_pad, skip;
 };
 
 // One engine step: per layer, in order, the row ids its job runs on (given, or hashed first
@@ -50,10 +52,10 @@ struct RowHash {
 class PrefetchTicket {
  public:
   PrefetchTicket(LayerJobs layers, std::vector<at::Tensor> rows);
-  // windows [B, skip + T] token ids: each row's T new tokens after `skip` of context; slots:
-  // the rows' conv state rows, for mix()
-  PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash, at::Tensor windows, int64_t skip,
-                 const std::vector<int64_t>& slots);
+  // contexts[b]: row b's new_tokens[b] new tokens after up to hash.skip before them (as
+  // NgramHasher.step_rows); slots: the rows' conv state rows, for mix()
+  PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash, std::vector<std::vector<int64_t>> contexts,
+                 std::vector<int64_t> new_tokens, const std::vector<int64_t>& slots);
   void run();
   // layer i's result; raises its error (IndexError for a bad row id)
   at::Tensor wait(int64_t i);
@@ -71,8 +73,8 @@ class PrefetchTicket {
   void finish(size_t i, at::Tensor out, std::string error, bool index_error, double seconds);
   LayerJobs layers_;
   std::shared_ptr<const RowHash> hash_;
-  at::Tensor windows_;
-  int64_t skip_ = 0;
+  std::vector<std::vector<int64_t>> contexts_;
+  std::vector<int64_t> new_tokens_;
   at::Tensor slots_;  // undefined: no mix()
   std::vector<at::Tensor> gates_;
   std::vector<at::Tensor> rows_;
@@ -92,9 +94,9 @@ class RowPrefetcher {
   ~RowPrefetcher();
   // rows[i]: int64 row ids for layer i, [tokens, heads] (a projected layer needs two dimensions)
   std::shared_ptr<PrefetchTicket> submit(std::vector<at::Tensor> rows);
-  // token windows [B, skip + T], int64, hashed on the worker (needs the constructor's hash);
-  // slots as the ticket's
-  std::shared_ptr<PrefetchTicket> submit_tokens(at::Tensor windows, int64_t skip, const std::vector<int64_t>& slots);
+  // a step as token ids, hashed on the worker (needs the constructor's hash); as the ticket's
+  std::shared_ptr<PrefetchTicket> submit_tokens(std::vector<std::vector<int64_t>> contexts,
+                                                std::vector<int64_t> new_tokens, const std::vector<int64_t>& slots);
   void close();  // runs what is queued, then stops the thread
 
  private:

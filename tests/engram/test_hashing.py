@@ -62,7 +62,7 @@ def test_batched_hash_equals_each_row_alone(hasher, golden_hash):
 
 def test_last_window_position_equals_full_hash_at_every_position(hasher):
     """A decode step hashes only each sequence's newest N tokens, left-padded with raw pad_id at
-    the sequence start (EngramRuntime.step_windows): its last position must equal the full hash."""
+    the sequence start (NgramHasher.step_rows): its last position must equal the full hash."""
     rng = np.random.default_rng(1)
     ids = rng.integers(0, hasher.ct.vocab_size, size=(3, 12))
     full = hasher.hash(ids)
@@ -73,6 +73,20 @@ def test_last_window_position_equals_full_hash_at_every_position(hasher):
         for lid in hasher.cfg.layer_ids:
             assert step[lid].shape == (3, n, hasher.cfg.heads_total)
             np.testing.assert_array_equal(step[lid][:, -1], full[lid][:, t])
+
+
+def test_step_rows_of_chunks_equal_the_full_hash(hasher):
+    """The engine's per-step rows (NgramHasher.step_rows): any chunk of a sequence, with up to N-1
+    tokens before it, hashes like the whole sequence; rows of a batch are right-padded."""
+    ids = np.random.default_rng(4).integers(0, hasher.ct.vocab_size, size=12).tolist()
+    full = hasher.hash(np.array([ids]), global_ids=True)
+    before = hasher.cfg.max_ngram_size - 1
+    chunks = [(0, 5), (5, 6), (1, 2), (6, 12)]
+    rows = hasher.step_rows([ids[max(0, s - before) : e] for s, e in chunks], [e - s for s, e in chunks])
+    for lid in hasher.cfg.layer_ids:
+        got = rows[lid].reshape(len(chunks), 6, -1)
+        for b, (s, e) in enumerate(chunks):
+            np.testing.assert_array_equal(got[b, : e - s], full[lid][0, s:e])
 
 
 def test_context_positions_and_global_ids(hasher):

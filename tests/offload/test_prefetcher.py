@@ -185,10 +185,10 @@ def test_native_worker_bad_row_is_a_clear_error_and_later_steps_still_run(ckpt_f
 
 @pytest.mark.skipif(not kernels.available(), reason="needs the native kernels")
 def test_submit_tokens_hashes_where_the_step_runs_as_the_hasher_does(ckpt_factory):
-    """A step given as token windows: decode-size steps are hashed on the native worker, larger
-    ones by the hasher in the caller's thread; either way the rows are the hasher's global row ids
-    (layers in any config order), the statistics count them, and a token the hasher rejects is a
-    PrefetchError for that step alone."""
+    """A step given as token ids: decode-size steps are hashed on the native worker, larger ones
+    by the hasher in the caller's thread; either way the rows are NgramHasher.step_rows' (layers
+    in any config order; rows at the sequence start and right-padded ones included), the
+    statistics count them, and a token the hasher rejects is a PrefetchError for that step alone."""
     cfg = EngramConfig(engram_vocab_size=[100, 100], max_ngram_size=3, n_embed_per_ngram=128, n_head_per_ngram=2,
                        layer_ids=[15, 1], pad_id=0)
     vocab = 60
@@ -197,22 +197,23 @@ def test_submit_tokens_hashes_where_the_step_runs_as_the_hasher_does(ckpt_factor
     tables = TableSet.open(ckpt.path, ckpt.tables, placement="host", progress=False)
     rng = np.random.default_rng(0)
     touched = {1: set(), 15: set()}
+    steps = [([2 + 1], [1], NativeTicket), ([2 + 1] * 3, [1] * 3, NativeTicket),
+             ([1, 2 + 3, 2], [1, 3, 2], NativeTicket),  # two rows at the sequence start, right-padding
+             ([2 + 40] * 2, [40] * 2, WorkerTicket)]
     with Prefetcher(tables, ckpt.head_offsets, hasher=hasher) as prefetcher:
-        for batch, new_tokens, kind in ((1, 1, NativeTicket), (3, 1, NativeTicket), (2, 40, WorkerTicket)):
-            windows = rng.integers(0, vocab, (batch, 2 + new_tokens))
-            ticket = prefetcher.submit_tokens(windows, 2)
+        for lengths, new_tokens, kind in steps:
+            contexts = [rng.integers(0, vocab, n).tolist() for n in lengths]
+            ticket = prefetcher.submit_tokens(contexts, new_tokens)
             assert type(ticket) is kind
-            hashed = hasher.hash(windows, context=2, global_ids=True)
-            for layer in (1, 15):
-                rows = hashed[layer].reshape(-1, 4)
+            for layer, rows in hasher.step_rows(contexts, new_tokens).items():
+                assert rows.shape == (len(contexts) * max(new_tokens), 4)
                 assert torch.equal(ticket.wait(layer), tables[layer].gather(rows).view(-1, 4, 64))
                 touched[layer].update(rows.reshape(-1).tolist())
         stats = tables.stats.snapshot()
         for layer in (1, 15):
             assert stats[layer]["rows_touched"] == len(touched[layer])
-        ticket = prefetcher.submit_tokens(np.array([[0, 1, vocab]]), 2)
+        ticket = prefetcher.submit_tokens([[0, 1, vocab]], [1])
         with pytest.raises(PrefetchError, match=f"layer 1.*token id {vocab} is outside the vocabulary"):
             ticket.wait(1)
-        windows = np.array([[0, 1, 2]])
-        rows = hasher.hash(windows, context=2, global_ids=True)[15].reshape(-1, 4)
-        assert torch.equal(prefetcher.submit_tokens(windows, 2).wait(15), tables[15].gather(rows).view(1, 4, 64))
+        rows = hasher.step_rows([[0, 1, 2]], [1])[15]
+        assert torch.equal(prefetcher.submit_tokens([[0, 1, 2]], [1]).wait(15), tables[15].gather(rows).view(1, 4, 64))
