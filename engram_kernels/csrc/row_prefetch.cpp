@@ -55,10 +55,10 @@ PrefetchTicket::PrefetchTicket(LayerJobs layers, std::vector<at::Tensor> rows)
 
 PrefetchTicket::PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash,
                                std::vector<std::vector<int64_t>> contexts, std::vector<int64_t> new_tokens,
-                               const std::vector<int64_t>& slots)
+                               std::vector<int64_t> slots)
     : layers_(std::move(layers)), hash_(std::move(hash)), contexts_(std::move(contexts)),
-      new_tokens_(std::move(new_tokens)), slots_(at::tensor(slots, at::kLong)), gates_(layers_->size()), rows_(layers_->size()),
-      results_(layers_->size()), errors_(layers_->size()), index_errors_(layers_->size()),
+      new_tokens_(std::move(new_tokens)), slot_ids_(std::move(slots)), gates_(layers_->size()),
+      rows_(layers_->size()), results_(layers_->size()), errors_(layers_->size()), index_errors_(layers_->size()),
       seconds_(layers_->size()), waited_(layers_->size(), -1) {
   TORCH_CHECK(hash_ != nullptr, "this RowPrefetcher has no hash: submit row ids instead of tokens");
   TORCH_CHECK(!contexts_.empty() && contexts_.size() == new_tokens_.size(), "one new-token count per row");
@@ -84,6 +84,7 @@ void PrefetchTicket::hash_rows() {
 void PrefetchTicket::run() {
   auto start = std::chrono::steady_clock::now();  // the first layer's time includes the hash
   if (hash_ != nullptr) {
+    slots_ = at::tensor(slot_ids_, at::kLong);  // here rather than at submit, off the engine thread
     const auto [error, index_error] = caught([&] { hash_rows(); });
     if (!error.empty()) {  // no layer has rows: each reports the hash's error
       for (size_t i = 0; i < rows_.size(); ++i) finish(i, {}, "hashing the step's tokens: " + error, index_error, 0);
@@ -193,8 +194,9 @@ std::shared_ptr<PrefetchTicket> RowPrefetcher::submit(std::vector<at::Tensor> ro
 
 std::shared_ptr<PrefetchTicket> RowPrefetcher::submit_tokens(std::vector<std::vector<int64_t>> contexts,
                                                              std::vector<int64_t> new_tokens,
-                                                             const std::vector<int64_t>& slots) {
-  auto ticket = std::make_shared<PrefetchTicket>(layers_, hash_, std::move(contexts), std::move(new_tokens), slots);
+                                                             std::vector<int64_t> slots) {
+  auto ticket = std::make_shared<PrefetchTicket>(layers_, hash_, std::move(contexts), std::move(new_tokens),
+                                                 std::move(slots));
   enqueue(ticket);
   return ticket;
 }

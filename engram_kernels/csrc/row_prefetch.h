@@ -55,7 +55,7 @@ class PrefetchTicket {
   // contexts[b]: row b's new_tokens[b] new tokens after up to hash.skip before them (as
   // NgramHasher.step_rows); slots: the rows' conv state rows, for mix()
   PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash, std::vector<std::vector<int64_t>> contexts,
-                 std::vector<int64_t> new_tokens, const std::vector<int64_t>& slots);
+                 std::vector<int64_t> new_tokens, std::vector<int64_t> slots);
   void run();
   // layer i's result; raises its error (IndexError for a bad row id)
   at::Tensor wait(int64_t i);
@@ -75,7 +75,8 @@ class PrefetchTicket {
   std::shared_ptr<const RowHash> hash_;
   std::vector<std::vector<int64_t>> contexts_;
   std::vector<int64_t> new_tokens_;
-  at::Tensor slots_;  // undefined: no mix()
+  std::vector<int64_t> slot_ids_;
+  at::Tensor slots_;  // slot_ids_, made by the worker; undefined: no mix()
   std::vector<at::Tensor> gates_;
   std::vector<at::Tensor> rows_;
   std::vector<at::Tensor> results_;
@@ -96,7 +97,7 @@ class RowPrefetcher {
   std::shared_ptr<PrefetchTicket> submit(std::vector<at::Tensor> rows);
   // a step as token ids, hashed on the worker (needs the constructor's hash); as the ticket's
   std::shared_ptr<PrefetchTicket> submit_tokens(std::vector<std::vector<int64_t>> contexts,
-                                                std::vector<int64_t> new_tokens, const std::vector<int64_t>& slots);
+                                                std::vector<int64_t> new_tokens, std::vector<int64_t> slots);
   void close();  // runs what is queued, then stops the thread
 
  private:
