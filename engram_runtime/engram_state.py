@@ -3,11 +3,12 @@
 Per step the engine hands over the rows it is about to run; we submit each row's
 new tokens (with its N-1 previous tokens as context, so chunked prefill and
 decode hash exactly like one pass over the sequence) to the prefetcher at once,
-which hashes them into row ids (on its native worker, for a decode step). Its worker gathers each layer's rows and computes the
-layer's token-only half from them (EngramLayer.memory: the key and value
-projections). The hook returned to the decoder blocks waits for that result at
-the Engram layer, runs the half that needs the hidden state (EngramLayer.mix)
-with the batch's conv states (kept per KV slot) and records the gates.
+which hashes them into row ids (on its native worker, for a decode step). Its
+worker gathers each layer's rows and computes the layer's token-only half from
+them (EngramLayer.memory: the key and value projections). The hook returned to
+the decoder blocks waits for that result at the Engram layer, runs the half that
+needs the hidden state (EngramLayer.mix) with the batch's conv states (kept per
+KV slot), adds it to the residual stream and records the gates.
 """
 from __future__ import annotations
 

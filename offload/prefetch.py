@@ -3,10 +3,10 @@
 ``submit(rows)`` turns within-head row ids into global rows (adding each head's offset), queues a
 ``Ticket`` and returns at once; ``submit_tokens`` takes a step's token ids instead and hashes
 them with the prefetcher's ``hasher`` (row ids depend on token ids alone). One worker thread
-serves tickets in submission order and layers
-in ascending id (the order the forward needs them): for each layer it gathers into the table's
-staging buffers, moves the rows to the compute device inside the device's side stream, and
-records that layer's event. ``Ticket.wait(layer)`` blocks only if that event is not set yet.
+serves tickets in submission order and layers in ascending id (the order the forward needs
+them): for each layer it gathers into the table's staging buffers, moves the rows to the
+compute device inside the device's side stream, and records that layer's event.
+``Ticket.wait(layer)`` blocks only if that event is not set yet.
 
 Why rows never leak between steps: every ticket's result is a fresh tensor (dequantisation
 writes new memory), the staging buffers are a ring of two per table guarded by events, and the
@@ -191,12 +191,12 @@ class NativeTicket(Ticket):
         except Exception as e:  # noqa: BLE001 - a failed gather, projection or hash, named
             raise _failed(layer_id, e)
         finally:
-            self._unused.discard(layer_id)
-            if not self._unused:
-                self._unused = None  # recorded once
-                tables = self._prefetcher.tables
-                tables.stats.record_later(functools.partial(_native_records, tables, self.layer_ids,
-                                                            self._native.stats()))
+            if layer_id in self._unused:
+                self._unused.remove(layer_id)
+                if not self._unused:  # the last layer: record once
+                    tables = self._prefetcher.tables
+                    tables.stats.record_later(functools.partial(_native_records, tables, self.layer_ids,
+                                                                self._native.stats()))
 
 
 def _failed(layer_id: int, exc: BaseException) -> PrefetchError:

@@ -209,6 +209,7 @@ def test_submit_tokens_hashes_where_the_step_runs_as_the_hasher_does(ckpt_factor
                 assert rows.shape == (len(contexts) * max(new_tokens), 4)
                 assert torch.equal(ticket.wait(layer), tables[layer].gather(rows).view(-1, 4, 64))
                 touched[layer].update(rows.reshape(-1).tolist())
+            assert ticket.wait(1).shape[0] == len(contexts) * max(new_tokens)  # a second wait: the same
         stats = tables.stats.snapshot()
         for layer in (1, 15):
             assert stats[layer]["rows_touched"] == len(touched[layer])
