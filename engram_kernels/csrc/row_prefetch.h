@@ -47,7 +47,7 @@ struct RowHash {
 };
 
 // One engine step: per layer, in order, the row ids its job runs on (given, or hashed first
-// from the step's token windows); wait(i) blocks until layer i is done. The ticket keeps its
+// from the step's token ids); wait(i) blocks until layer i is done. The ticket keeps its
 // statistics (the worker's time per layer, the engine thread's wait) for stats().
 class PrefetchTicket {
  public:
@@ -62,7 +62,7 @@ class PrefetchTicket {
   // hidden + the layer's mix job on hidden [B, 1, D] and wait(i), one new token per row at the
   // ticket's slots -> [B, 1, D]; the gate [B, 1] is kept for gate_means()
   at::Tensor mix(int64_t i, const at::Tensor& hidden);
-  // per layer mixed (-1 for the others), in order: each row's gate, averaged over the branches
+  // per layer, in order: each row's gate averaged over the branches (empty if not mixed)
   std::vector<std::vector<double>> gate_means();
   // per layer waited for: (i, its row ids or an undefined tensor if its job failed, the worker's
   // seconds, the seconds waited)
