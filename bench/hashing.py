@@ -2,7 +2,7 @@
 
 Measures, in one process so the ratios hold on a noisy machine:
 1. NgramHasher time for one decode step (hash of each row's newest N tokens, as the engine's
-   EngramRuntime.step_windows makes them, batch 1 and 32) and for a 2048-token
+   NgramHasher.step_rows makes them, batch 1 and 32) and for a 2048-token
    prefill (hash), with the engram-init default layout for SmolLM2-135M (layers 1 and 15,
    orders 2 and 3, 8 heads each: 2 layers x 16 heads) and the real compressed vocabulary.
 2. Engram's own compute per decode step (both layers: key/value projections, gate norms,

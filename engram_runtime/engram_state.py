@@ -29,12 +29,12 @@ class EngramStepHook:
     """Called by the decoder blocks as `engram(layer_id, hidden [B, T, D])` -> hidden + the
     Engram layer's output [B, T, D]."""
 
-    def __init__(self, runtime: "EngramRuntime", ticket: Ticket, rows: list[Row], slots: list[int]):
+    def __init__(self, runtime: "EngramRuntime", ticket: Ticket, lengths: list[int], slots: list[int]):
+        """lengths, slots: per row, how many new tokens it runs and its KV slot."""
         self.runtime, self.ticket = runtime, ticket
-        lengths = [len(r.token_ids) for r in rows]
         padded = min(lengths) != max(lengths)  # right-padded rows: the conv state needs their lengths
         self.lengths = torch.tensor(lengths) if padded else None
-        self._newest = (torch.arange(len(rows)), self.lengths - 1) if padded else (slice(None), -1)
+        self._newest = (torch.arange(len(lengths)), self.lengths - 1) if padded else (slice(None), -1)
         # one new token per row on the native kernel: EngramLayer.decode_step, no reshapes (the
         # forward that calls the hook runs without autograd, which the kernels need); from the
         # native prefetch worker, wait and decode_step are one call (NativeTicket.mix, with the
@@ -130,13 +130,13 @@ class EngramRuntime:
         sequence so far (at least up to the row's last token)."""
         before = self.ngram - 1
         contexts = [ids[max(0, r.start_pos - before) : r.start_pos + len(r.token_ids)] for ids, r in zip(token_ids, rows)]
-        slots = [r.slot for r in rows]
-        ticket = self.prefetcher.submit_tokens(contexts, [len(r.token_ids) for r in rows], slots)
+        lengths, slots = [len(r.token_ids) for r in rows], [r.slot for r in rows]
+        ticket = self.prefetcher.submit_tokens(contexts, lengths, slots)
         fresh = [r.slot for r in rows if r.start_pos == 0]
         if fresh:
             for states in self.conv_states.values():
                 states[fresh] = 0  # a new sequence in a reused slot starts with an empty conv state
-        return EngramStepHook(self, ticket, rows, slots)
+        return EngramStepHook(self, ticket, lengths, slots)
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -94,7 +94,7 @@ class Ticket:
     def wait(self, layer_id: int) -> torch.Tensor:
         """This step's rows for one layer, on the compute device; blocks only if not ready yet."""
         if layer_id not in self.layer_ids:
-            raise KeyError(f"this ticket has no rows for layer {layer_id}; it holds layers {self.layer_ids}")
+            raise self._no_layer(layer_id)
         tables = self._prefetcher.tables
         t0 = time.perf_counter()
         try:
@@ -105,6 +105,9 @@ class Ticket:
             self._waited(layer_id, time.perf_counter() - t0)
         tables.device.hand_over(result)
         return result
+
+    def _no_layer(self, layer_id: int) -> KeyError:
+        return KeyError(f"this ticket has no rows for layer {layer_id}; it holds layers {self.layer_ids}")
 
     def _result(self, layer_id: int) -> torch.Tensor:
         """The layer's result once ready, or the exception its gather raised."""
@@ -183,7 +186,7 @@ class NativeTicket(Ticket):
         layer (and, for a bad row id, the table's file)."""
         job = self._jobs.get(layer_id)
         if job is None:
-            raise KeyError(f"this ticket has no rows for layer {layer_id}; it holds layers {self.layer_ids}")
+            raise self._no_layer(layer_id)
         try:
             return fn(job, *args)
         except IndexError as e:
