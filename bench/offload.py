@@ -221,6 +221,11 @@ def measure_cache(cfg: BenchConfig, ckpt, hasher, tokenizer) -> dict:
     return out
 
 
+def _wait_seconds(tables: TableSet) -> float:
+    """Seconds the forward has waited for rows so far, over every layer."""
+    return sum(s["wait_seconds_total"] for s in tables.stats.snapshot().values())
+
+
 def measure_decode(cfg: BenchConfig, ckpt, hasher, loaded) -> dict:
     """Decode steps of the default backbone with Engram at layers 1 and 15, per table configuration.
 
@@ -245,9 +250,6 @@ def measure_decode(cfg: BenchConfig, ckpt, hasher, loaded) -> dict:
     mapped = TableSet.open(ckpt.path, ckpt.tables_manifest, placement="mmap", cache_rows=cfg.cache_rows)
     configs = {"plain_tensor": (host, False), "host_prefetch": (host, True),
                "mmap_cache_prefetch": (mapped, True), "mmap_cache_inline": (mapped, False)}
-    waits: list[float] = []
-    for ts in (host, mapped):
-        ts.stats.add_observer(lambda kind, layer, sec: waits.append(sec) if kind == "wait" else None)
     out: dict = {"cache_rows": cfg.cache_rows}
     for batch in (1, 32):
         step_s = {name: [] for name in configs}
@@ -259,14 +261,14 @@ def measure_decode(cfg: BenchConfig, ckpt, hasher, loaded) -> dict:
             rows = [Row(b, ids[b], 0) for b in range(batch)]
             with torch.no_grad():
                 for step in range(cfg.steps + 1):
-                    del waits[:]
+                    waited = _wait_seconds(tables)
                     t0 = time.perf_counter()
                     logits = runner.forward(rows, runtime.step_hook(ids, rows))
                     for b, token in enumerate(logits.argmax(-1).tolist()):
                         ids[b].append(token)
                     if step:  # decode steps only, not the prefill
                         step_s[name].append(time.perf_counter() - t0)
-                        wait_s[name].append(sum(waits))
+                        wait_s[name].append(_wait_seconds(tables) - waited)
                     rows = [Row(b, ids[b][-1:], len(ids[b]) - 1) for b in range(batch)]
             runtime.prefetcher.close()
         res = {}

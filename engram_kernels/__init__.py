@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
     "decode_attention.cpp", "elementwise.cpp", "engram_mix.cpp", "ngram_hash.cpp", "gather_rows.cpp", "small_linear.cpp",
-    "row_prefetch.cpp", "module.cpp")]
+    "row_prefetch.cpp", "table_counters.cpp", "module.cpp")]
 # Projections of up to this many rows (decode steps) use small_linear wherever they run: in
 # EngramLayer.memory and on the native prefetch worker alike, so both give the same bits. On one
 # thread, warm, against oneDNN's prepacked bfloat16 matmul: 39 vs 56 us at 1 row, 263 vs 118 at 16,

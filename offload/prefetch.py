@@ -35,7 +35,6 @@ chained to the original; the worker itself keeps serving later tickets.
 """
 from __future__ import annotations
 
-import functools
 import queue
 import threading
 import time
@@ -47,7 +46,7 @@ import torch
 
 import engram_kernels as kernels
 from offload.device import Event
-from offload.stats import Gather
+from offload.stats import BUCKETS
 from offload.store import TableSet
 
 _POLL_SECONDS = 1.0
@@ -155,15 +154,13 @@ class WorkerTicket(Ticket):
 
 class NativeTicket(Ticket):
     """Served by the native worker (engram_kernels' RowPrefetcher): tables in CPU memory, no cache.
-    `native` is the worker's ticket for the step; it times the worker's gathers and the waits
-    itself, and once every layer has been waited for their statistics go to
-    TableStats.record_later."""
+    `native` is the worker's ticket for the step; the worker's gathers and the waits go to its
+    TableCounters, which TableStats reads."""
 
     def __init__(self, prefetcher: "Prefetcher", native):
         self._jobs = prefetcher.native_layers  # layer id -> its index in the native worker
         super().__init__(prefetcher, list(self._jobs))
         self._native = native
-        self._unused = set(self._jobs)
 
     def wait(self, layer_id: int) -> torch.Tensor:
         return self._call(self._native.wait, layer_id)
@@ -193,13 +190,6 @@ class NativeTicket(Ticket):
             raise _failed(layer_id, self._prefetcher.tables[layer_id].row_error(e))
         except Exception as e:  # noqa: BLE001 - a failed gather, projection or hash, named
             raise _failed(layer_id, e)
-        finally:
-            if layer_id in self._unused:
-                self._unused.remove(layer_id)
-                if not self._unused:  # the last layer: record once
-                    tables = self._prefetcher.tables
-                    tables.stats.record_later(functools.partial(_native_records, tables, self.layer_ids,
-                                                                self._native.stats()))
 
 
 def _failed(layer_id: int, exc: BaseException) -> PrefetchError:
@@ -210,18 +200,6 @@ def _failed(layer_id: int, exc: BaseException) -> PrefetchError:
     error = PrefetchError(f"gathering rows for layer {layer_id} failed: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
-
-
-def _native_records(tables: TableSet, layer_ids: list[int], stats: list[tuple]) -> tuple[list[Gather], list]:
-    """A native ticket's statistics (PrefetchTicket.stats: per layer index its row ids, None if
-    its gather failed, the worker's and the wait's seconds) as TableStats.record_step's arguments."""
-    gathers, waits = [], []
-    for i, rows, seconds, waited in stats:
-        layer = layer_ids[i]
-        waits.append((layer, waited))
-        if rows is not None:
-            gathers.append(tables[layer].gathered(rows.numpy(), seconds))
-    return gathers, waits
 
 
 class Prefetcher:
@@ -245,6 +223,7 @@ class Prefetcher:
             self._worker.start()
         self.native_layers = {layer: i for i, layer in enumerate(sorted(self.head_offsets))}  # the forward's order
         self.native_worker = None
+        self._native_counters = None  # the native workers' statistics, made with the first one
         self.set_projections(projections)
 
     def set_projections(self, projections: dict[int, Projection] | None) -> None:
@@ -258,9 +237,13 @@ class Prefetcher:
         if (self.enabled and all(self.tables[layer].native for layer in self.native_layers)
                 and (self.transform is None or projections is not None)):
             layers = list(self.native_layers)
+            if self._native_counters is None:
+                self._native_counters = kernels.native().TableCounters([self.tables[layer].num_rows for layer in layers],
+                                                                       list(BUCKETS))
+                self.tables.stats.add_native(layers, self._native_counters)
             self.native_worker = kernels.native().RowPrefetcher(
                 [self._native_job(layer, projections) for layer in layers],
-                None if self.hasher is None else self.hasher.kernel_args(layers))
+                None if self.hasher is None else self.hasher.kernel_args(layers), self._native_counters)
 
     def _native_job(self, layer_id: int, projections: dict[int, Projection] | None) -> tuple:
         """What the native worker does with a layer's rows: (table, weight, bias, result shape, dtype, mix)."""

@@ -1,81 +1,96 @@
-"""Per-layer table statistics for the server's /metrics: counters, timings and exact utilisation.
+"""Per-layer table statistics for the server's /metrics: counters, timing histograms and exact utilisation.
 
-Counters are cumulative since start (Prometheus counters); timings are fed to observers as they
-happen (so the server can put them into histograms) and kept as a bounded window of recent
-observations for ``snapshot()`` percentiles. Utilisation is exact: one bit per table row, set
-when the row is first gathered. Writers are the prefetch worker and the engine thread, readers
-the metrics endpoint, so every update and the snapshot hold one lock; observers run outside it.
+Everything is cumulative since start, as Prometheus counters and histograms are. Gathers and waits
+reach these statistics two ways:
+- recorded here (``record_gather``, ``record_wait``) by the Python prefetch worker, an inline
+  gather or the engine thread;
+- counted where they happen by the native prefetch worker (engram_kernels' TableCounters, its
+  gathers and the engine thread's waits for them), which ``snapshot()`` reads and adds in. A
+  decode step then costs the engine thread no Python for its statistics: handing each step's
+  figures over had cost ~0.1 ms of a 14 ms batch-1 step.
+Utilisation is exact: one bit per table row, set when the row is first gathered. Writers are the
+prefetch worker and the engine thread, readers the metrics endpoint, so every update and the
+snapshot hold one lock.
 """
 from __future__ import annotations
 
+import bisect
+import math
 import threading
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-Observer = Callable[[str, int, float], None]
-_WINDOW = 4096
+# Upper bounds (seconds) of the gather and wait histograms: a gather or a wait is microseconds (row
+# already there) to tens of milliseconds (cold mmap pages). A value equal to a bound counts in its
+# bucket (Prometheus' `le`); the last bucket holds the rest.
+BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
 _TOUCH_BATCH = 256
-_LATER_BATCH = 256  # record_later()'s entries recorded at once, if no reader came first
+
+
+class Gather(NamedTuple):
+    """One gather of a layer's rows, for TableStats.record_gather."""
+
+    layer_id: int
+    lookups: int
+    cache_hits: int
+    rows: np.ndarray  # the row ids it touched, any order, repeats allowed
+    rows_gathered: int
+    bytes_gathered: int
+    seconds: float
+
+
+@dataclass
+class Timings:
+    """A histogram of durations over BUCKETS: the count per bucket (not cumulative) and the sum."""
+
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(len(BUCKETS) + 1, dtype=np.int64))
+    seconds: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.seconds += seconds
+
+    def plus(self, counts, seconds: float) -> "Timings":
+        return Timings(self.counts + np.asarray(counts, dtype=np.int64), self.seconds + seconds)
 
 
 @dataclass
 class LayerStats:
-    """Cumulative statistics of one layer's table."""
+    """Cumulative statistics of one layer's table, as recorded here (TableStats.snapshot adds the
+    native worker's)."""
 
     num_rows: int
+    row_bytes: int
     table_bytes: dict[str, int] = field(default_factory=dict)  # placement -> bytes ("cache" included)
     lookups: int = 0
     cache_hits: int = 0
     rows_gathered: int = 0      # rows read from the table's own tier (see EngramTable.gather)
     bytes_gathered: int = 0
-    gathers: int = 0
-    gather_seconds_total: float = 0.0
-    waits: int = 0
-    wait_seconds_total: float = 0.0
-    rows_touched: int = 0
+    gather: Timings = field(default_factory=Timings)
+    wait: Timings = field(default_factory=Timings)
     touched_bits: np.ndarray = field(init=False, repr=False)
-    recent_gather: deque = field(default_factory=lambda: deque(maxlen=_WINDOW), repr=False)
-    recent_wait: deque = field(default_factory=lambda: deque(maxlen=_WINDOW), repr=False)
     untouched: list = field(default_factory=list, repr=False)  # gathered row arrays not yet in touched_bits
 
     def __post_init__(self) -> None:
         self.touched_bits = np.zeros((self.num_rows + 7) // 8, dtype=np.uint8)
 
     def touch_pending(self) -> None:
+        """Mark the rows gathered since the last call; in batches, which keeps a batch-1 gather's
+        cost to a list append instead of a few numpy calls."""
         if self.untouched:
-            self.touch(np.unique(np.concatenate(self.untouched)))
+            rows = np.concatenate(self.untouched)
             self.untouched.clear()
-
-    def touch(self, unique_rows: np.ndarray) -> None:
-        """Mark rows as used; `unique_rows` must be sorted and unique (np.unique's output), so
-        each new bit is counted once and rows sharing a byte are OR-ed together first."""
-        if len(unique_rows) == 0:
-            return
-        byte_idx = unique_rows >> 3
-        masks = np.left_shift(np.uint8(1), (unique_rows & 7).astype(np.uint8))
-        self.rows_touched += int(np.count_nonzero((self.touched_bits[byte_idx] & masks) == 0))
-        starts = np.flatnonzero(np.concatenate(([True], byte_idx[1:] != byte_idx[:-1])))
-        self.touched_bits[byte_idx[starts]] |= np.bitwise_or.reduceat(masks, starts)
+            np.bitwise_or.at(self.touched_bits, rows >> 3, np.left_shift(np.uint8(1), (rows & 7).astype(np.uint8)))
 
 
-class Gather(NamedTuple):
-    """One gather of a layer's rows, for TableStats.record_step (a named tuple: the engine thread
-    makes two per batch-1 step, at a third of a frozen dataclass's cost)."""
+class NativeCounters(Protocol):
+    """engram_kernels' TableCounters: read() -> per layer (rows gathered, the gathers' seconds,
+    their counts per bucket of BUCKETS, the waits' seconds, their counts, the touched-row bitmap)."""
 
-    layer_id: int
-    lookups: int
-    cache_hits: int
-    rows: np.ndarray
-    rows_gathered: int
-    bytes_gathered: int
-    seconds: float
-
-
-def _percentile(values: deque, q: float) -> float | None:
-    return float(np.percentile(np.fromiter(values, float), q)) if values else None
+    def read(self) -> list[tuple]:
+        ...
 
 
 class TableStats:
@@ -84,96 +99,68 @@ class TableStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._layers: dict[int, LayerStats] = {}
-        self._observers: list[Observer] = []
-        self._later: list[Callable[[], tuple[list[Gather], list[tuple[int, float]]]]] = []
+        self._native: list[tuple[list[int], NativeCounters]] = []
 
-    def add_layer(self, layer_id: int, num_rows: int, table_bytes: dict[str, int]) -> None:
+    def add_layer(self, layer_id: int, num_rows: int, row_bytes: int, table_bytes: dict[str, int]) -> None:
         with self._lock:
-            self._layers[layer_id] = LayerStats(num_rows=num_rows, table_bytes=dict(table_bytes))
+            self._layers[layer_id] = LayerStats(num_rows=num_rows, row_bytes=row_bytes, table_bytes=dict(table_bytes))
 
-    def add_observer(self, fn: Observer) -> None:
-        """fn(kind, layer_id, seconds) with kind in {"gather", "wait"}, called on every observation."""
+    def add_native(self, layer_ids: list[int], counters: NativeCounters) -> None:
+        """Counters the native worker keeps for these layers (in its order); every row it gathers
+        was read from the table's tier (CPU memory, no cache)."""
         with self._lock:
-            self._observers.append(fn)
+            self._native.append((list(layer_ids), counters))
+
+    def record_gather(self, g: Gather) -> None:
+        with self._lock:
+            s = self._layers[g.layer_id]
+            s.lookups += g.lookups
+            s.cache_hits += g.cache_hits
+            s.rows_gathered += g.rows_gathered
+            s.bytes_gathered += g.bytes_gathered
+            s.gather.add(g.seconds)
+            s.untouched.append(g.rows)
+            if len(s.untouched) >= _TOUCH_BATCH:
+                s.touch_pending()
 
     def record_wait(self, layer_id: int, seconds: float) -> None:
-        self.record_step([], [(layer_id, seconds)])
-
-    def record_step(self, gathers: list[Gather], waits: list[tuple[int, float]]) -> None:
-        """Gathers and waits (layer_id, seconds), under one lock. A gather's rows (the row ids it
-        touched, any order, repeats allowed) are marked in the utilisation bitmap in batches (at the
-        next snapshot, or every _TOUCH_BATCH gathers), which keeps a batch-1 gather's cost to a
-        list append instead of a dozen numpy calls."""
         with self._lock:
-            for g in gathers:
-                s = self._layers[g.layer_id]
-                s.lookups += g.lookups
-                s.cache_hits += g.cache_hits
-                s.rows_gathered += g.rows_gathered
-                s.bytes_gathered += g.bytes_gathered
-                s.gathers += 1
-                s.gather_seconds_total += g.seconds
-                s.recent_gather.append(g.seconds)
-                s.untouched.append(g.rows)
-                if len(s.untouched) >= _TOUCH_BATCH:
-                    s.touch_pending()
-            for layer_id, seconds in waits:
-                s = self._layers[layer_id]
-                s.waits += 1
-                s.wait_seconds_total += seconds
-                s.recent_wait.append(seconds)
-            observers = list(self._observers)
-        for fn in observers:
-            for g in gathers:
-                fn("gather", g.layer_id, g.seconds)
-            for layer_id, seconds in waits:
-                fn("wait", layer_id, seconds)
-
-    def record_later(self, records: Callable[[], tuple[list[Gather], list[tuple[int, float]]]]) -> None:
-        """record_step(*records()) for a hot path: kept as is until a reader wants the figures
-        (snapshot(), flush()), or until _LATER_BATCH of them are pending. The engine thread
-        records a step's native gathers this way: mid-forward, building and recording them cost
-        ~0.1 ms of a 14 ms batch-1 step, and the observers (the server's histograms) more."""
-        with self._lock:
-            self._later.append(records)
-            full = len(self._later) >= _LATER_BATCH
-        if full:
-            self.flush()
-
-    def flush(self) -> None:
-        """Record what record_later() kept; observers see it now."""
-        with self._lock:
-            later, self._later = self._later, []
-        if later:
-            gathers, waits = [], []
-            for records in later:
-                g, w = records()
-                gathers += g
-                waits += w
-            self.record_step(gathers, waits)
+            self._layers[layer_id].wait.add(seconds)
 
     def snapshot(self) -> dict:
-        """{layer_id: {...counters, rows_touched_ratio, table_bytes, gather/wait p50/p99}} (a copy)."""
-        self.flush()
+        """{layer_id: {...counters, rows_touched(_ratio), table_bytes, and per kind (gather, wait) the
+        count, seconds_total and seconds_buckets: [(upper bound, cumulative count)] over BUCKETS and
+        inf, as Prometheus histograms have them}} (a copy)."""
+        native: dict[int, list[tuple]] = {}
+        for layers, counters in self._native:
+            for layer, figures in zip(layers, counters.read()):
+                native.setdefault(layer, []).append(figures)
         with self._lock:
-            for s in self._layers.values():
+            out = {}
+            for layer_id, s in self._layers.items():
                 s.touch_pending()
-            return {layer_id: {
-                "num_rows": s.num_rows,
-                "table_bytes": dict(s.table_bytes),
-                "lookups": s.lookups,
-                "cache_hits": s.cache_hits,
-                "cache_hit_rate": s.cache_hits / s.lookups if s.lookups else 0.0,
-                "rows_gathered": s.rows_gathered,
-                "bytes_gathered": s.bytes_gathered,
-                "gathers": s.gathers,
-                "gather_seconds_total": s.gather_seconds_total,
-                "gather_seconds_p50": _percentile(s.recent_gather, 50),
-                "gather_seconds_p99": _percentile(s.recent_gather, 99),
-                "waits": s.waits,
-                "wait_seconds_total": s.wait_seconds_total,
-                "wait_seconds_p50": _percentile(s.recent_wait, 50),
-                "wait_seconds_p99": _percentile(s.recent_wait, 99),
-                "rows_touched": s.rows_touched,
-                "rows_touched_ratio": s.rows_touched / s.num_rows if s.num_rows else 0.0,
-            } for layer_id, s in self._layers.items()}
+                lookups, rows_gathered, gather, wait, touched = s.lookups, s.rows_gathered, s.gather, s.wait, s.touched_bits
+                for rows, g_seconds, g_counts, w_seconds, w_counts, bits in native.get(layer_id, ()):
+                    lookups, rows_gathered = lookups + rows, rows_gathered + rows
+                    gather, wait = gather.plus(g_counts, g_seconds), wait.plus(w_counts, w_seconds)
+                    touched = touched | bits.numpy()
+                rows_touched = int(np.bitwise_count(touched).sum())
+                out[layer_id] = {
+                    "num_rows": s.num_rows,
+                    "table_bytes": dict(s.table_bytes),
+                    "lookups": lookups,
+                    "cache_hits": s.cache_hits,
+                    "cache_hit_rate": s.cache_hits / lookups if lookups else 0.0,
+                    "rows_gathered": rows_gathered,
+                    "bytes_gathered": s.bytes_gathered + (rows_gathered - s.rows_gathered) * s.row_bytes,
+                    **_timings("gather", gather),
+                    **_timings("wait", wait),
+                    "rows_touched": rows_touched,
+                    "rows_touched_ratio": rows_touched / s.num_rows if s.num_rows else 0.0,
+                }
+            return out
+
+
+def _timings(kind: str, t: Timings) -> dict:
+    return {f"{kind}s": int(t.counts.sum()), f"{kind}_seconds_total": t.seconds,
+            f"{kind}_seconds_buckets": list(zip([*BUCKETS, math.inf], np.cumsum(t.counts).tolist()))}

@@ -75,7 +75,7 @@ class EngramTable:
         table_bytes = {placement: header.file_nbytes - header.data_offset}
         if self.cache is not None:
             table_bytes["cache"] = self.cache.nbytes
-        stats.add_layer(layer_id, self.num_rows, table_bytes)
+        stats.add_layer(layer_id, self.num_rows, header.row_bytes, table_bytes)
 
     def _make_cache(self, cfg: CacheConfig | None) -> RowCache | None:
         rows = cfg.capacity_rows(self.header.row_bytes) if cfg else 0
@@ -189,19 +189,10 @@ class EngramTable:
             out, hits, touched, missed = self._gather_native(rows), 0, rows, rows
         else:
             out, hits, touched, missed = self._gather_staged(rows)
-        self.stats.record_step([self.gathered(rows, time.perf_counter() - t0, hits, touched, missed)], [])
+        self.stats.record_gather(Gather(self.layer_id, lookups=int(rows.size), cache_hits=hits, rows=touched,
+                                        rows_gathered=len(missed), bytes_gathered=len(missed) * self.header.row_bytes,
+                                        seconds=time.perf_counter() - t0))
         return out
-
-    def gathered(self, rows: np.ndarray, seconds: float, cache_hits: int = 0, touched: np.ndarray | None = None,
-                 missed: np.ndarray | None = None) -> Gather:
-        """One gather of `rows` (any shape; kept by the statistics, so not to be changed later) as
-        the table statistics record it: by default every row was read from the tier, as the native
-        gather does."""
-        rows = rows.reshape(-1)
-        touched = rows if touched is None else touched
-        missed = rows if missed is None else missed
-        return Gather(self.layer_id, lookups=int(rows.size), cache_hits=cache_hits, rows=touched,
-                      rows_gathered=len(missed), bytes_gathered=len(missed) * self.header.row_bytes, seconds=seconds)
 
     def row_error(self, error: IndexError) -> IndexError:
         """The native gather's error for a row id outside the table, naming the layer and file."""

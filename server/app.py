@@ -99,7 +99,6 @@ def _ops_router() -> APIRouter:
         client = _client(request)
         if client.metrics is None:
             return error_response(APIError(503, "metrics are available once the model is loaded", code="loading"))
-        client.flush_table_stats()
         return Response(generate_latest(client.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -165,8 +165,6 @@ class EngineClient:
         self.engine = engine
         self.model_name = self.server_config.served_model_name or engine.model_name
         self.metrics = ServerMetrics(self.model_name, self._engine_stats, self._table_snapshot)
-        if engine.table_stats is not None:
-            engine.table_stats.add_observer(self.metrics.observe_table)
         engine.add_step_observer(lambda seconds, _tokens: self.metrics.step.observe(seconds))
         if self.state is State.LOADING:
             self.state = State.READY
@@ -178,13 +176,6 @@ class EngineClient:
 
     def _table_stats(self) -> TableStats | None:
         return self.engine.table_stats if self.engine is not None else None
-
-    def flush_table_stats(self) -> None:
-        """Record the table statistics the engine keeps for later (TableStats.record_later), so that
-        a scrape's histograms include them."""
-        stats = self._table_stats()
-        if stats is not None:
-            stats.flush()
 
     def _table_snapshot(self) -> dict | None:
         stats = self._table_stats()

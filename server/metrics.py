@@ -5,9 +5,9 @@ Three kinds of sources feed them:
   engine thread right when a token is delivered, so latencies are not skewed by the event
   loop): token counters, TTFT, inter-token latency, E2E, queue time, finish reasons and
   the per-layer Engram gate values;
-- per table, from offload's `TableStats`: timings arrive through its observer hook
-  (histograms), counters and gauges are read from `snapshot()` at scrape time, so they are
-  never stale and cost nothing between scrapes;
+- per table, from offload's `TableStats`: counters, gauges and the gather and wait histograms
+  are read from `snapshot()` at scrape time, so they are never stale and cost nothing between
+  scrapes (the native prefetch worker counts its own, off the engine thread's Python);
 - the engine's own `stats()` (running / waiting requests, KV usage), also read at scrape time.
 Without Engram the engram_* families are exported with no samples.
 Each app has its own registry, so two apps in one process never collide.
@@ -22,8 +22,9 @@ from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -32,12 +33,9 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                20.0, 40.0, 80.0]
 REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                            60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
-# Ours: an engine step is milliseconds to a second on CPU; a gather or a wait is microseconds
-# (row already there) to tens of milliseconds (cold mmap pages).
+# Ours: an engine step is milliseconds to a second on CPU.
 STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                 2.5, 5.0, 10.0]
-TABLE_IO_BUCKETS = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
-                    0.25, 0.5, 1.0]
 GATE_WINDOW = 1024  # engram_gate_mean averages the gates of this many most recent generated tokens
 
 
@@ -115,6 +113,14 @@ class _ScrapeTimeCollector(Collector):
                 table_bytes.add_metric([layer, placement], float(nbytes))
         yield from families.values()
         yield from (touched, table_bytes)
+        for kind, name, doc in (("wait", "engram_prefetch_wait_seconds", "Time the forward waited for an Engram "
+                                 "layer's rows."),
+                                ("gather", "engram_gather_seconds", "Time one gather of an Engram layer's rows took.")):
+            family = HistogramMetricFamily(name, doc, labels=["layer"])
+            for layer_id, s in sorted(snapshot.items()):
+                buckets = [(floatToGoString(le), count) for le, count in s[f"{kind}_seconds_buckets"]]
+                family.add_metric([str(layer_id)], buckets, s[f"{kind}_seconds_total"])
+            yield family
 
 
 class ServerMetrics:
@@ -148,19 +154,7 @@ class ServerMetrics:
                                     registry=r).labels(model_name)
         self.step = Histogram("engram_serve_step_seconds", "Histogram of engine step time (schedule, forward, "
                               "sample) in seconds.", mn, buckets=STEP_BUCKETS, registry=r).labels(model_name)
-        self._table_io = {
-            kind: Histogram(name, doc, ["layer"], buckets=TABLE_IO_BUCKETS, registry=r)
-            for kind, name, doc in (
-                ("wait", "engram_prefetch_wait_seconds", "Time the forward waited for an Engram layer's rows."),
-                ("gather", "engram_gather_seconds", "Time one gather of an Engram layer's rows took."))
-        }
         r.register(_ScrapeTimeCollector(self))
-
-    def observe_table(self, kind: str, layer_id: int, seconds: float) -> None:
-        """TableStats observer (called on the prefetch worker or engine thread)."""
-        histogram = self._table_io.get(kind)
-        if histogram is not None:
-            histogram.labels(str(layer_id)).observe(seconds)
 
     def finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()

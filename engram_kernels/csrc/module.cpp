@@ -8,6 +8,7 @@
 
 #include "kernels.h"
 #include "row_prefetch.h"
+#include "table_counters.h"
 
 namespace {
 
@@ -33,14 +34,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_rows", &engram_kernels::gather_rows, nogil);
   m.def("small_linear", &engram_kernels::small_linear, nogil);
 
-  using engram_kernels::PrefetchTicket, engram_kernels::RowPrefetcher;
+  using engram_kernels::PrefetchTicket, engram_kernels::RowPrefetcher, engram_kernels::TableCounters;
+  pybind11::class_<TableCounters, std::shared_ptr<TableCounters>>(m, "TableCounters")
+      .def(pybind11::init<const std::vector<int64_t>&, std::vector<double>>())  // rows per layer, bounds
+      .def("read", &TableCounters::read);
   pybind11::class_<PrefetchTicket, std::shared_ptr<PrefetchTicket>>(m, "PrefetchTicket")
       .def("wait", &PrefetchTicket::wait, nogil)
       .def("mix", &PrefetchTicket::mix, nogil)
-      .def("gate_means", &PrefetchTicket::gate_means)
-      .def("stats", &PrefetchTicket::stats);
+      .def("gate_means", &PrefetchTicket::gate_means);
   pybind11::class_<RowPrefetcher>(m, "RowPrefetcher")
-      .def(pybind11::init([](const std::vector<Layer>& layers, const std::optional<Hash>& hash) {
+      .def(pybind11::init([](const std::vector<Layer>& layers, const std::optional<Hash>& hash,
+                             std::shared_ptr<TableCounters> counters) {
              std::vector<engram_kernels::LayerJob> jobs;
              jobs.reserve(layers.size());
              for (const auto& [table, weight, bias, shape, dtype, mix] : layers) {
@@ -56,7 +60,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                const auto& [lookup, pad, multipliers, primes, offsets, window_pad, skip] = *hash;
                row_hash = engram_kernels::RowHash{lookup, pad, multipliers, primes, offsets, window_pad, skip};
              }
-             return std::make_unique<RowPrefetcher>(std::move(jobs), std::move(row_hash));
+             return std::make_unique<RowPrefetcher>(std::move(jobs), std::move(row_hash), std::move(counters));
            }))
       .def("submit", &RowPrefetcher::submit)  // row ids per layer, in the constructor's order
       .def("submit_tokens", &RowPrefetcher::submit_tokens)  // contexts, new token counts, slots

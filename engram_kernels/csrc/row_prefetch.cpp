@@ -46,20 +46,20 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
-PrefetchTicket::PrefetchTicket(LayerJobs layers, std::vector<at::Tensor> rows)
-    : layers_(std::move(layers)), rows_(std::move(rows)), results_(rows_.size()), errors_(rows_.size()),
-      index_errors_(rows_.size()), seconds_(rows_.size()), waited_(rows_.size(), -1) {
+PrefetchTicket::PrefetchTicket(LayerJobs layers, Counters counters, std::vector<at::Tensor> rows)
+    : layers_(std::move(layers)), counters_(std::move(counters)), rows_(std::move(rows)), results_(rows_.size()),
+      errors_(rows_.size()), index_errors_(rows_.size()) {
   TORCH_CHECK(rows_.size() == layers_->size(), "a step needs row ids for each of the ", layers_->size(),
               " layers, got ", rows_.size());
 }
 
-PrefetchTicket::PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash,
+PrefetchTicket::PrefetchTicket(LayerJobs layers, Counters counters, std::shared_ptr<const RowHash> hash,
                                std::vector<std::vector<int64_t>> contexts, std::vector<int64_t> new_tokens,
                                std::vector<int64_t> slots)
-    : layers_(std::move(layers)), hash_(std::move(hash)), contexts_(std::move(contexts)),
-      new_tokens_(std::move(new_tokens)), slot_ids_(std::move(slots)), gates_(layers_->size()),
-      rows_(layers_->size()), results_(layers_->size()), errors_(layers_->size()), index_errors_(layers_->size()),
-      seconds_(layers_->size()), waited_(layers_->size(), -1) {
+    : layers_(std::move(layers)), counters_(std::move(counters)), hash_(std::move(hash)),
+      contexts_(std::move(contexts)), new_tokens_(std::move(new_tokens)), slot_ids_(std::move(slots)),
+      gates_(layers_->size()), rows_(layers_->size()), results_(layers_->size()), errors_(layers_->size()),
+      index_errors_(layers_->size()) {
   TORCH_CHECK(hash_ != nullptr, "this RowPrefetcher has no hash: submit row ids instead of tokens");
   TORCH_CHECK(!contexts_.empty() && contexts_.size() == new_tokens_.size(), "one new-token count per row");
 }
@@ -111,12 +111,12 @@ void PrefetchTicket::run() {
 }
 
 void PrefetchTicket::finish(size_t i, at::Tensor out, std::string error, bool index_error, double seconds) {
+  if (error.empty()) counters_->gathered(i, rows_[i], seconds);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     results_[i] = std::move(out);
     errors_[i] = std::move(error);
     index_errors_[i] = index_error;
-    seconds_[i] = seconds;
     done_ = i + 1;
   }
   cv_.notify_all();
@@ -127,7 +127,7 @@ at::Tensor PrefetchTicket::wait(int64_t i) {
   const auto start = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lock(mutex_);
   cv_.wait(lock, [&] { return done_ > static_cast<size_t>(i); });
-  waited_[i] = seconds_since(start);
+  counters_->waited(i, seconds_since(start));
   TORCH_CHECK_INDEX(!index_errors_[i], errors_[i]);
   TORCH_CHECK(errors_[i].empty(), errors_[i]);
   return results_[i];
@@ -169,25 +169,19 @@ std::vector<std::vector<double>> PrefetchTicket::gate_means() {
   return out;
 }
 
-std::vector<std::tuple<int64_t, at::Tensor, double, double>> PrefetchTicket::stats() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  std::vector<std::tuple<int64_t, at::Tensor, double, double>> out;
-  for (size_t i = 0; i < done_; ++i) {
-    if (waited_[i] < 0) continue;
-    out.emplace_back(i, errors_[i].empty() ? rows_[i] : at::Tensor(), seconds_[i], waited_[i]);
-  }
-  return out;
-}
-
-RowPrefetcher::RowPrefetcher(std::vector<LayerJob> layers, std::optional<RowHash> hash)
+RowPrefetcher::RowPrefetcher(std::vector<LayerJob> layers, std::optional<RowHash> hash, Counters counters)
     : layers_(std::make_shared<const std::vector<LayerJob>>(std::move(layers))),
       hash_(hash ? std::make_shared<const RowHash>(std::move(*hash)) : nullptr),
-      worker_([this] { loop(); }) {}
+      counters_(std::move(counters)) {
+  TORCH_CHECK(counters_ != nullptr && counters_->size() == layers_->size(), "the worker needs counters for its ",
+              layers_->size(), " layers");
+  worker_ = std::thread([this] { loop(); });
+}
 
 RowPrefetcher::~RowPrefetcher() { close(); }
 
 std::shared_ptr<PrefetchTicket> RowPrefetcher::submit(std::vector<at::Tensor> rows) {
-  auto ticket = std::make_shared<PrefetchTicket>(layers_, std::move(rows));
+  auto ticket = std::make_shared<PrefetchTicket>(layers_, counters_, std::move(rows));
   enqueue(ticket);
   return ticket;
 }
@@ -195,7 +189,7 @@ std::shared_ptr<PrefetchTicket> RowPrefetcher::submit(std::vector<at::Tensor> ro
 std::shared_ptr<PrefetchTicket> RowPrefetcher::submit_tokens(std::vector<std::vector<int64_t>> contexts,
                                                              std::vector<int64_t> new_tokens,
                                                              std::vector<int64_t> slots) {
-  auto ticket = std::make_shared<PrefetchTicket>(layers_, hash_, std::move(contexts), std::move(new_tokens),
+  auto ticket = std::make_shared<PrefetchTicket>(layers_, counters_, hash_, std::move(contexts), std::move(new_tokens),
                                                  std::move(slots));
   enqueue(ticket);
   return ticket;

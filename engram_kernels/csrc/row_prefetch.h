@@ -14,6 +14,8 @@
 #include <tuple>
 #include <vector>
 
+#include "table_counters.h"
+
 namespace engram_kernels {
 
 // A decode step's half of the Engram layer that needs the hidden state (engram_mix), as a
@@ -47,14 +49,16 @@ struct RowHash {
 };
 
 // One engine step: per layer, in order, the row ids its job runs on (given, or hashed first
-// from the step's token ids); wait(i) blocks until layer i is done. The ticket keeps its
-// statistics (the worker's time per layer, the engine thread's wait) for stats().
+// from the step's token ids); wait(i) blocks until layer i is done. The worker's time per
+// layer and each wait go to the worker's TableCounters.
+using Counters = std::shared_ptr<TableCounters>;
+
 class PrefetchTicket {
  public:
-  PrefetchTicket(LayerJobs layers, std::vector<at::Tensor> rows);
+  PrefetchTicket(LayerJobs layers, Counters counters, std::vector<at::Tensor> rows);
   // contexts[b]: row b's new_tokens[b] new tokens after up to hash.skip before them (as
   // NgramHasher.step_rows); slots: the rows' conv state rows, for mix()
-  PrefetchTicket(LayerJobs layers, std::shared_ptr<const RowHash> hash, std::vector<std::vector<int64_t>> contexts,
+  PrefetchTicket(LayerJobs layers, Counters counters, std::shared_ptr<const RowHash> hash, std::vector<std::vector<int64_t>> contexts,
                  std::vector<int64_t> new_tokens, std::vector<int64_t> slots);
   void run();
   // layer i's result; raises its error (IndexError for a bad row id)
@@ -64,14 +68,12 @@ class PrefetchTicket {
   at::Tensor mix(int64_t i, const at::Tensor& hidden);
   // per layer, in order: each row's gate averaged over the branches (empty if not mixed)
   std::vector<std::vector<double>> gate_means();
-  // per layer waited for: (i, its row ids or an undefined tensor if its job failed, the worker's
-  // seconds, the seconds waited)
-  std::vector<std::tuple<int64_t, at::Tensor, double, double>> stats();
 
  private:
   void hash_rows();
   void finish(size_t i, at::Tensor out, std::string error, bool index_error, double seconds);
   LayerJobs layers_;
+  Counters counters_;
   std::shared_ptr<const RowHash> hash_;
   std::vector<std::vector<int64_t>> contexts_;
   std::vector<int64_t> new_tokens_;
@@ -82,8 +84,6 @@ class PrefetchTicket {
   std::vector<at::Tensor> results_;
   std::vector<std::string> errors_;
   std::vector<bool> index_errors_;
-  std::vector<double> seconds_;
-  std::vector<double> waited_;  // negative: not waited for
   size_t done_ = 0;
   std::mutex mutex_;
   std::condition_variable cv_;
@@ -91,7 +91,9 @@ class PrefetchTicket {
 
 class RowPrefetcher {
  public:
-  RowPrefetcher(std::vector<LayerJob> layers, std::optional<RowHash> hash);
+  // counters: where the tickets' statistics go (they outlive a worker: Python makes a new
+  // one when the weights change)
+  RowPrefetcher(std::vector<LayerJob> layers, std::optional<RowHash> hash, Counters counters);
   ~RowPrefetcher();
   // rows[i]: int64 row ids for layer i, [tokens, heads] (a projected layer needs two dimensions)
   std::shared_ptr<PrefetchTicket> submit(std::vector<at::Tensor> rows);
@@ -105,6 +107,7 @@ class RowPrefetcher {
   void enqueue(std::shared_ptr<PrefetchTicket> ticket);
   LayerJobs layers_;
   std::shared_ptr<const RowHash> hash_;
+  Counters counters_;
   std::deque<std::shared_ptr<PrefetchTicket>> queue_;
   bool closed_ = false;
   std::mutex mutex_;
