@@ -89,7 +89,7 @@ async def _collect(req: ChatCompletionRequest, generation: Generation, token_tex
         c.text.append(out.new_text)
         if req.logprobs and out.logprobs:
             c.logprobs.content.extend(_logprobs(out, token_text).content)
-        if out.gates:
+        if req.engram_gates and out.gates:  # every token has gates (the gate metric); few ask for them
             c.gates.extend(gate_entries(out, token_text))
         c.output_tokens = out.num_output_tokens
         if out.finished:

@@ -110,7 +110,7 @@ async def _collect(req: CompletionRequest, generation: Generation, echoes: list[
             delta = _logprobs(out, token_text, c.chars)
             for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 getattr(c.logprobs, name).extend(getattr(delta, name))
-        if out.gates:
+        if req.engram_gates and out.gates:  # every token has gates (the gate metric); few ask for them
             c.gates.extend(gate_entries(out, token_text))
         c.text.append(out.new_text)
         c.chars += len(out.new_text)

@@ -111,7 +111,7 @@ void PrefetchTicket::run() {
 }
 
 void PrefetchTicket::finish(size_t i, at::Tensor out, std::string error, bool index_error, double seconds) {
-  if (error.empty()) counters_->gathered(i, rows_[i], seconds);
+  const bool ok = error.empty();
   {
     std::lock_guard<std::mutex> lock(mutex_);
     results_[i] = std::move(out);
@@ -120,6 +120,9 @@ void PrefetchTicket::finish(size_t i, at::Tensor out, std::string error, bool in
     done_ = i + 1;
   }
   cv_.notify_all();
+  // after the hand-over: marking the rows in an 8 GB table's bitmap is a cache miss per row
+  // (~0.1 ms for a batch-16 step's 256), which the forward waiting for layer i need not wait for
+  if (ok) counters_->gathered(i, rows_[i], seconds);
 }
 
 at::Tensor PrefetchTicket::wait(int64_t i) {
