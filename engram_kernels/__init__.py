@@ -14,8 +14,9 @@ of 2-10: the N-gram hash of every layer, a table's gather-and-decode and the
 projection of a batch-1 step's rows are one call each here for that reason, and
 the module is plain pybind11 (csrc/module.cpp says why). It also holds the native
 prefetch worker, ``native().RowPrefetcher`` (csrc/row_prefetch.cpp; offload/prefetch.py
-uses it), a thread that gathers and projects a decode step's rows without the GIL. The
-package sits outside engram_runtime because offload/ uses it too.
+uses it), a thread that gathers and projects a decode step's rows without the GIL, and
+the counters it keeps for the table statistics (``native().TableCounters``). The package
+sits outside engram_runtime because offload/ uses it too.
 
 They are compiled on first use (~45 s, once per machine and checkout, cached in
 torch's extension directory, shared by later processes) by torch's C++ extension
