@@ -238,8 +238,8 @@ class Prefetcher:
                 and (self.transform is None or projections is not None)):
             layers = list(self.native_layers)
             if self._native_counters is None:
-                self._native_counters = kernels.native().TableCounters([self.tables[layer].num_rows for layer in layers],
-                                                                       list(BUCKETS))
+                num_rows = [self.tables[layer].num_rows for layer in layers]
+                self._native_counters = kernels.native().TableCounters(num_rows, list(BUCKETS))
                 self.tables.stats.add_native(layers, self._native_counters)
             self.native_worker = kernels.native().RowPrefetcher(
                 [self._native_job(layer, projections) for layer in layers],

@@ -139,7 +139,8 @@ class TableStats:
             out = {}
             for layer_id, s in self._layers.items():
                 s.touch_pending()
-                lookups, rows_gathered, gather, wait, touched = s.lookups, s.rows_gathered, s.gather, s.wait, s.touched_bits
+                lookups, rows_gathered, gather, wait = s.lookups, s.rows_gathered, s.gather, s.wait
+                touched = s.touched_bits
                 for rows, g_seconds, g_counts, w_seconds, w_counts, bits in native.get(layer_id, ()):
                     lookups, rows_gathered = lookups + rows, rows_gathered + rows
                     gather, wait = gather.plus(g_counts, g_seconds), wait.plus(w_counts, w_seconds)

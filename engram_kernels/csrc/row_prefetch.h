@@ -48,18 +48,19 @@ struct RowHash {
   int64_t window_pad, skip;
 };
 
+using Counters = std::shared_ptr<TableCounters>;
+
 // One engine step: per layer, in order, the row ids its job runs on (given, or hashed first
 // from the step's token ids); wait(i) blocks until layer i is done. The worker's time per
 // layer and each wait go to the worker's TableCounters.
-using Counters = std::shared_ptr<TableCounters>;
-
 class PrefetchTicket {
  public:
   PrefetchTicket(LayerJobs layers, Counters counters, std::vector<at::Tensor> rows);
   // contexts[b]: row b's new_tokens[b] new tokens after up to hash.skip before them (as
   // NgramHasher.step_rows); slots: the rows' conv state rows, for mix()
-  PrefetchTicket(LayerJobs layers, Counters counters, std::shared_ptr<const RowHash> hash, std::vector<std::vector<int64_t>> contexts,
-                 std::vector<int64_t> new_tokens, std::vector<int64_t> slots);
+  PrefetchTicket(LayerJobs layers, Counters counters, std::shared_ptr<const RowHash> hash,
+                 std::vector<std::vector<int64_t>> contexts, std::vector<int64_t> new_tokens,
+                 std::vector<int64_t> slots);
   void run();
   // layer i's result; raises its error (IndexError for a bad row id)
   at::Tensor wait(int64_t i);
