@@ -36,8 +36,7 @@ class Gather(NamedTuple):
     lookups: int
     cache_hits: int
     rows: np.ndarray  # the row ids it touched, any order, repeats allowed
-    rows_gathered: int
-    bytes_gathered: int
+    rows_gathered: int  # read from the table's tier; bytes follow from the layer's row size
     seconds: float
 
 
@@ -67,7 +66,6 @@ class LayerStats:
     lookups: int = 0
     cache_hits: int = 0
     rows_gathered: int = 0      # rows read from the table's own tier (see EngramTable.gather)
-    bytes_gathered: int = 0
     gather: Timings = field(default_factory=Timings)
     wait: Timings = field(default_factory=Timings)
     touched_bits: np.ndarray = field(init=False, repr=False)
@@ -117,7 +115,6 @@ class TableStats:
             s.lookups += g.lookups
             s.cache_hits += g.cache_hits
             s.rows_gathered += g.rows_gathered
-            s.bytes_gathered += g.bytes_gathered
             s.gather.add(g.seconds)
             s.untouched.append(g.rows)
             if len(s.untouched) >= _TOUCH_BATCH:
@@ -153,7 +150,7 @@ class TableStats:
                     "cache_hits": s.cache_hits,
                     "cache_hit_rate": s.cache_hits / lookups if lookups else 0.0,
                     "rows_gathered": rows_gathered,
-                    "bytes_gathered": s.bytes_gathered + (rows_gathered - s.rows_gathered) * s.row_bytes,
+                    "bytes_gathered": rows_gathered * s.row_bytes,
                     **_timings("gather", gather),
                     **_timings("wait", wait),
                     "rows_touched": rows_touched,

@@ -190,8 +190,7 @@ class EngramTable:
         else:
             out, hits, touched, missed = self._gather_staged(rows)
         self.stats.record_gather(Gather(self.layer_id, lookups=int(rows.size), cache_hits=hits, rows=touched,
-                                        rows_gathered=len(missed), bytes_gathered=len(missed) * self.header.row_bytes,
-                                        seconds=time.perf_counter() - t0))
+                                        rows_gathered=len(missed), seconds=time.perf_counter() - t0))
         return out
 
     def row_error(self, error: IndexError) -> IndexError:

@@ -17,8 +17,7 @@ def test_bitmap_counts_each_row_once():
     for _ in range(50):
         rows = rng.integers(0, 1000, 40)
         touched.update(rows.tolist())
-        stats.record_gather(Gather(3, lookups=40, cache_hits=0, rows=rows, rows_gathered=40,
-                                   bytes_gathered=0, seconds=0.001))
+        stats.record_gather(Gather(3, lookups=40, cache_hits=0, rows=rows, rows_gathered=40, seconds=0.001))
     snap = stats.snapshot()[3]
     assert snap["rows_touched"] == len(touched)
     assert snap["rows_touched_ratio"] == len(touched) / 1000
@@ -33,7 +32,7 @@ def test_concurrent_updates_add_up():
 
     def work(seed):
         for i in range(500):
-            stats.record_gather(Gather(1, 2, 1, np.array([(seed * 8 + i) % 64]), 1, 128, 1e-4))
+            stats.record_gather(Gather(1, 2, 1, np.array([(seed * 8 + i) % 64]), 1, 1e-4))
             stats.record_wait(1, 2e-4)
             stats.snapshot()
 
@@ -55,8 +54,7 @@ def test_native_counters_are_added_in():
     stats.add_layer(1, num_rows=100, row_bytes=128, table_bytes={})
     stats.add_layer(15, num_rows=50, row_bytes=64, table_bytes={})
     stats.add_native([1, 15], counters)
-    stats.record_gather(Gather(1, lookups=3, cache_hits=0, rows=np.array([0, 1, 2]), rows_gathered=3,
-                               bytes_gathered=3 * 128, seconds=0.5))
+    stats.record_gather(Gather(1, lookups=3, cache_hits=0, rows=np.array([0, 1, 2]), rows_gathered=3, seconds=0.5))
     stats.record_wait(1, 0.5)
     assert stats.snapshot()[1]["rows_touched"] == 3
     native = kernels.native()
