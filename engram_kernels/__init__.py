@@ -56,11 +56,11 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 def build_name() -> str:
     """The build's name in torch's extension cache, keyed by this CPU's feature flags
     (-march=native: a home directory shared between machines must not hand one CPU a
-    binary built for another) and by the shared headers (torch rebuilds when a source
-    changes, but does not know about headers)."""
+    binary built for another) and by every source and header (torch does not know about
+    headers, and two checkouts of different sources under one name rebuild each other)."""
     key = hashlib.sha1(_cpu_flags().encode())
-    for header in sorted(CSRC.glob("*.h")):
-        key.update(header.read_bytes())
+    for source in sorted(CSRC.glob("*.[ch]*")):
+        key.update(source.read_bytes())
     return f"engram_serve_native_{key.hexdigest()[:12]}"
 
 
