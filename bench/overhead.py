@@ -33,8 +33,8 @@ from pathlib import Path
 from bench import load_before_run
 from loadtest.checkpoints import create_checkpoint, vocab_for_table_gb
 from loadtest.compare import CompareConfig, Variant, paired_ratio, run_compare
-from harness.process import engram_serve_cmd
 from loadtest.plots import latency_plot, throughput_ratio_plot
+from loadtest.process import engram_serve_cmd
 from loadtest.report import compare_markdown, write_json
 from loadtest.workload import WorkloadConfig, build_requests
 

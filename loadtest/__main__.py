@@ -108,7 +108,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import shlex
     from datetime import datetime, timezone
 
-    from harness.process import engram_serve_cmd
+    from loadtest.process import engram_serve_cmd
     from loadtest.checkpoints import resolve_checkpoints
     from loadtest.compare import DEFAULT_VARIANTS, CompareConfig, Variant, run_compare
     from loadtest.plots import latency_plot, throughput_ratio_plot
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from harness.process import ServerStartError
+    from loadtest.process import ServerStartError
     from loadtest.runner import TargetError
 
     try:

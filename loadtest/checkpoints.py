@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.process import repo_env
+from loadtest.process import repo_env
 
 DEFAULT_LAYOUT = {"layers": 2, "orders": 2, "heads": 8, "head_dim": 64}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}

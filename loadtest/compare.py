@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.process import ServerProcess
+from loadtest.process import ServerProcess
 from loadtest.runner import RunConfig, run
 from loadtest.workload import SampleRequest
 

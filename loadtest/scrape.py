@@ -15,7 +15,7 @@ from collections import defaultdict
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness.promql import histogram_quantile
+from loadtest.promql import histogram_quantile
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 Samples = dict[Key, float]

@@ -21,7 +21,7 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 
-from harness.promql import histogram_quantile
+from loadtest.promql import histogram_quantile
 
 STATIC = Path(__file__).resolve().parent / "static"
 SAMPLE_INTERVAL = 2.0      # seconds between two samples of the registry

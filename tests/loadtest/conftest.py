@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.process import ServerProcess
+from loadtest.process import ServerProcess
 
 FAKE_SERVER = Path(__file__).with_name("fake_server.py")
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from loadtest.compare import CompareConfig, Variant, run_compare
-from harness.process import ServerProcess
 from loadtest.metrics import SUMMARY_KEYS
+from loadtest.process import ServerProcess
 from loadtest.runner import RunConfig, TargetError, run
 from loadtest.scrape import parse_metrics
 from loadtest.workload import WorkloadConfig, build_requests

@@ -5,7 +5,7 @@ import pytest
 
 from loadtest.client import RequestResult
 from loadtest.metrics import SUMMARY_KEYS, summarize
-from harness.promql import histogram_quantile
+from loadtest.promql import histogram_quantile
 from loadtest.scrape import engram_figures, parse_metrics
 
 

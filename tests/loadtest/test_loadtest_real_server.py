@@ -10,11 +10,11 @@ import time
 import httpx
 import pytest
 
-from harness.process import ServerProcess, engram_serve_cmd
 from loadtest.checkpoints import create_checkpoint, vocab_for_table_gb
 from loadtest.compare import CompareConfig, Variant, run_compare
 from loadtest.metrics import SUMMARY_KEYS
 from loadtest.plots import latency_plot, throughput_ratio_plot
+from loadtest.process import ServerProcess, engram_serve_cmd
 from loadtest.report import compare_markdown
 from loadtest.runner import RunConfig, run
 from loadtest.scrape import parse_metrics

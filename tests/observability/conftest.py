@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from engram_runtime.checkpoint import init_main
-from harness.process import ServerProcess, engram_serve_cmd, free_port
+from loadtest.process import ServerProcess, engram_serve_cmd, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "tests" / "artifacts"

@@ -10,7 +10,7 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from harness.promql import histogram_quantile
+from loadtest.promql import histogram_quantile
 from server.dashboard import QUANTILE_WINDOW, History, charts, read_registry, table_bytes
 
 INF = math.inf

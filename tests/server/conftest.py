@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from engram_runtime.checkpoint import init_main
-from harness.process import ServerProcess, engram_serve_cmd
+from loadtest.process import ServerProcess, engram_serve_cmd
 
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 96

@@ -11,8 +11,7 @@ import httpx
 import openai
 import pytest
 
-from server.testing import metric_value as metric
-from server.testing import scrape_metrics as scrape
+from server_metrics import metric, scrape
 
 API_KEY = "test-key-123"  # as in conftest.py
 ENGRAM_LAYERS = [1, 15]

@@ -13,8 +13,7 @@ import time
 import httpx
 import pytest
 
-from server.testing import metric_value as metric
-from server.testing import scrape_metrics as scrape
+from server_metrics import metric, scrape
 
 pytestmark = pytest.mark.slow
 

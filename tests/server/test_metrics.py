@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-from server.testing import metric_value as metric
-from server.testing import scrape_metrics as scrape
+from server_metrics import metric, scrape
 
 PROMPTS = [[504, 3575, 282], [504, 3575, 282, 4649], [504, 3575, 282, 4649, 314]]
 MAX_TOKENS = 5

@@ -1,5 +1,6 @@
-"""Start and stop a server process on a free loopback port (the load tester's `compare`,
-and every test that needs a real `engram-serve` or a stand-in).
+"""Start and stop a server process on a free loopback port: the load tester's `compare`
+starts one per configuration, and every test that needs a real `engram-serve` or a
+stand-in imports it from here.
 
     with ServerProcess(engram_serve_cmd(["--no-engram"]), log_path) as srv:
         httpx.get(srv.url("/health"))

@@ -1,5 +1,8 @@
-"""PromQL's `histogram_quantile`, for code that reads Prometheus histograms without a
-Prometheus: the live dashboard (from its own registry) and the load tester (from /metrics)."""
+"""PromQL's `histogram_quantile`, for reading Prometheus histograms without a Prometheus.
+
+The load tester owns it: reading a target's /metrics as a Grafana panel would is its job
+(loadtest.scrape). The server's live dashboard uses it on its own registry; the server may
+import loadtest, the reverse is what the architecture contract forbids."""
 from __future__ import annotations
 
 import math
