@@ -6,13 +6,12 @@ cost should not grow with the table), hence ``--table-gb``: it is turned into an
 orders 2 and 3, 8 heads per order, 64-dim rows), since a table holds one row per
 hash bucket and ``engram_vocab_size`` buckets per head (primes just above it).
 Checkpoints are made with the project's own commands (``engram-init``, and
-``--dtype fp8_e4m3`` for the fp8 variant) as a subprocess; nothing of the
-server is imported.
+``--dtype fp8_e4m3`` for the fp8 variant) as a subprocess: the load tester imports
+none of the packages it measures.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ from loadtest.process import repo_env
 
 DEFAULT_LAYOUT = {"layers": 2, "orders": 2, "heads": 8, "head_dim": 64}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-
 
 
 def vocab_for_table_gb(table_gb: float, dtype: str = "bfloat16", layout: dict = DEFAULT_LAYOUT) -> int:
@@ -35,10 +33,9 @@ def vocab_for_table_gb(table_gb: float, dtype: str = "bfloat16", layout: dict = 
     return max(1, int(table_gb * 1e9 / (row_bytes * rows_per_vocab)))
 
 
-def _init_command() -> list[str]:
-    exe = shutil.which("engram-init")
-    return [exe] if exe else [sys.executable, "-c", "import sys; from engram_runtime.checkpoint "
-                              "import init_main; sys.exit(init_main())"]
+def engram_init_cmd(args: list[str]) -> list[str]:
+    """This checkout's ``engram-init``, whether or not it is pip-installed (as engram_serve_cmd)."""
+    return [sys.executable, "-m", "engram_runtime.checkpoint_init", *args]
 
 
 def create_checkpoint(root: Path, vocab_size: int, dtype: str) -> Path:
@@ -49,7 +46,7 @@ def create_checkpoint(root: Path, vocab_size: int, dtype: str) -> Path:
     if (out / "engram.json").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    cmd = _init_command() + [str(out), "--rows-per-head", str(vocab_size), "--dtype", dtype, "--force"]
+    cmd = engram_init_cmd([str(out), "--rows-per-head", str(vocab_size), "--dtype", dtype, "--force"])
     print("$ " + " ".join(cmd), flush=True)
     done = subprocess.run(cmd, env=repo_env())
     if done.returncode != 0:

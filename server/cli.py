@@ -138,7 +138,8 @@ def _check_checkpoint(path: str | None) -> None:
     """Manifest, table sizes and dense weights checked in a second, before the model loads for long."""
     if path is None:
         return
-    from engram_runtime.checkpoint import EngramCheckpointError, load_checkpoint
+    from engram_runtime.checkpoint import load_checkpoint
+    from engram_runtime.checkpoint_format import EngramCheckpointError
     try:
         load_checkpoint(path, verify_tables=False)
     except EngramCheckpointError as e:

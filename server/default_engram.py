@@ -16,7 +16,8 @@ import logging
 import os
 from pathlib import Path
 
-from engram_runtime.checkpoint import MANIFEST_FILE, init_main
+from engram_runtime.checkpoint_format import MANIFEST_FILE
+from engram_runtime.checkpoint_init import INIT_ERRORS, InitOptions, engram_init
 
 logger = logging.getLogger("engram_serve")
 
@@ -53,10 +54,9 @@ def resolve_default_engram(cache_dir: str | None, rows_per_head: int | None, dty
         return target
     root.mkdir(parents=True, exist_ok=True)
     print(f"engram-serve: creating the default Engram checkpoint in {target} (first start only)", flush=True)
-    argv = [str(target), "--dtype", dtype]
-    if rows_per_head is not None:
-        argv += ["--rows-per-head", str(rows_per_head)]
-    if init_main(argv) != 0:
-        raise DefaultEngramError(f"could not create the default Engram checkpoint in {target} (see above); "
-                                 "pass --engram DIR or --no-engram")
+    try:
+        engram_init(InitOptions(out=target, rows_per_head=rows_per_head, dtype=dtype))
+    except INIT_ERRORS as exc:
+        raise DefaultEngramError(f"could not create the default Engram checkpoint in {target}: {exc}; "
+                                 "pass --engram DIR or --no-engram") from None
     return target

@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from engram_runtime.checkpoint import EngramCheckpoint, EngramCheckpointError, load_checkpoint
+from engram_runtime.checkpoint import EngramCheckpoint, load_checkpoint
+from engram_runtime.checkpoint_format import (MANIFEST_FILE, EngramCheckpointError, dense_file_name, manifest_files,
+                                              read_manifest, table_file_name, with_files, write_dense,
+                                              write_json_atomic, write_manifest)
 from offload.dtypes import table_dtype
-from offload.tablefile import TENSOR_NAME, file_sha256, write_table
+from offload.tablefile import TENSOR_NAME, write_table
 
-MANIFEST = "engram.json"
 TRAIN_STATE = "train_state.json"
 TRAINABLE_DTYPES = ("float32", "bfloat16")
 _VERSIONED = re.compile(r".*\.step\d{6,}\.(safetensors|pt)$")
@@ -56,15 +57,6 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_for_training(ckpt_dir: Path) -> LoadedCheckpoint:
     """The serving loader's validated checkpoint plus whole tables in their storage dtype.
 
@@ -77,8 +69,7 @@ def load_for_training(ckpt_dir: Path) -> LoadedCheckpoint:
         raise CheckpointError(str(e)) from e
     tables = {}
     for lid in ckpt.config.layer_ids:
-        entry = ckpt.tables_manifest[str(lid)]
-        path = ckpt_dir / entry["file"]
+        entry, path = ckpt.tables_manifest[str(lid)], ckpt.table_path(lid)
         if entry["dtype"] not in TRAINABLE_DTYPES:
             raise CheckpointError(f"table {path} is {entry['dtype']}; training needs float32 or bfloat16 "
                                   f"rows (train in bf16/fp32, then convert with engram-convert)")
@@ -90,34 +81,34 @@ def load_for_training(ckpt_dir: Path) -> LoadedCheckpoint:
 def complete_interrupted_commit(ckpt_dir: Path, state: dict) -> None:
     """A kill between the two pointer writes leaves train_state.json one save ahead of
     engram.json; finish that commit (roll forward) so both name the same step."""
-    if read_json(ckpt_dir / MANIFEST) != state["manifest"]:
-        write_json_atomic(ckpt_dir / MANIFEST, state["manifest"])
+    try:
+        current = read_manifest(ckpt_dir)[0]
+    except EngramCheckpointError:
+        current = None
+    if current != state["manifest"]:
+        write_manifest(ckpt_dir, state["manifest"])
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, manifest: dict,
                     dense: dict[int, dict[str, torch.Tensor]], tables: dict[int, torch.Tensor],
-                    train_state: dict) -> None:
-    """Write the step's files, then commit train_state.json and engram.json, then collect garbage."""
+                    train_state: dict) -> dict:
+    """Write the step's files, then commit train_state.json and engram.json, then collect garbage;
+    return the new manifest."""
     tag = f"step{step:06d}"
-    dense_name = f"dense.{tag}.safetensors"
-    flat = {f"layers.{lid}.{k}": v.detach().contiguous().cpu() for lid, sd in dense.items() for k, v in sd.items()}
-    save_file(flat, str(ckpt_dir / (dense_name + ".tmp")))
-    os.replace(ckpt_dir / (dense_name + ".tmp"), ckpt_dir / dense_name)
-    new_manifest = json.loads(json.dumps(manifest))
-    new_manifest["dense"] = {"file": dense_name, "sha256": file_sha256(ckpt_dir / dense_name, progress=False)}
-    for lid, table in tables.items():
-        old = manifest["tables"][str(lid)]
-        name = f"table_layer{lid}.{tag}.safetensors"
-        entry = write_table(ckpt_dir / name, table.shape[0], table.shape[1], old["dtype"],
-                            fill=lambda s, e, t=table: t[s:e].float(), progress=False)
-        new_manifest["tables"][str(lid)] = {**old, **entry, "file": name}
+    dense_entry = write_dense(ckpt_dir, dense, dense_file_name(tag))
+    table_entries = {lid: write_table(ckpt_dir / table_file_name(lid, tag), table.shape[0], table.shape[1],
+                                      manifest["tables"][str(lid)]["dtype"],
+                                      fill=lambda s, e, t=table: t[s:e].float(), progress=False)
+                     for lid, table in tables.items()}
+    new_manifest = with_files(manifest, dense=dense_entry, tables=table_entries)
     optim_name = f"train_optim.{tag}.pt"
     torch.save(train_state.pop("tensors"), ckpt_dir / (optim_name + ".tmp"))
     os.replace(ckpt_dir / (optim_name + ".tmp"), ckpt_dir / optim_name)
     write_json_atomic(ckpt_dir / TRAIN_STATE, {**train_state, "step": step, "optim_file": optim_name,
                                                "manifest": new_manifest})
-    write_json_atomic(ckpt_dir / MANIFEST, new_manifest)
+    write_manifest(ckpt_dir, new_manifest)
     collect_garbage(ckpt_dir, previous=manifest)
+    return new_manifest
 
 
 def load_train_state(ckpt_dir: Path) -> tuple[dict, dict]:
@@ -129,10 +120,6 @@ def load_train_state(ckpt_dir: Path) -> tuple[dict, dict]:
     return state, torch.load(path, weights_only=True)
 
 
-def _manifest_files(m: dict) -> set[str]:
-    return {m["dense"]["file"], *(e["file"] for e in m["tables"].values())}
-
-
 def collect_garbage(ckpt_dir: Path, previous: dict | None = None) -> None:
     """Delete half-written files, and versioned files no pointer names any more.
 
@@ -140,13 +127,12 @@ def collect_garbage(ckpt_dir: Path, previous: dict | None = None) -> None:
     `engram-init`) go too once superseded, so a multi-GB table is not kept twice on disk.
     """
     keep: set[str] = set()
-    for pointer in (MANIFEST, TRAIN_STATE):
-        p = ckpt_dir / pointer
-        if p.is_file():
-            m = read_json(p)
-            keep.add(m.get("optim_file", ""))
-            keep |= _manifest_files(m.get("manifest", m))
-    superseded = _manifest_files(previous) if previous else set()
+    if (ckpt_dir / MANIFEST_FILE).is_file():
+        keep |= manifest_files(read_manifest(ckpt_dir)[0])
+    if (ckpt_dir / TRAIN_STATE).is_file():
+        state = read_json(ckpt_dir / TRAIN_STATE)
+        keep |= {state["optim_file"], *manifest_files(state["manifest"])}
+    superseded = manifest_files(previous) if previous else set()
     for f in ckpt_dir.iterdir():
         stale = _VERSIONED.match(f.name) or f.name in superseded
         if f.name.endswith((".tmp", ".partial")) or (stale and f.name not in keep):

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 from typing import Callable
 
-from engram_runtime.checkpoint import EngramCheckpointError
+from engram_runtime.checkpoint_format import EngramCheckpointError
 from engram_runtime.weights import ModelLoadError
 from offload.tablefile import TableFileError
 from train.ckpt_store import CheckpointError

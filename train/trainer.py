@@ -145,9 +145,8 @@ class Trainer:
                    "tables": {lid: o.state_dict() for lid, o in self.table_opts.items()}}
         state = {"format": "engram-train/1", "tensors": tensors, "config": asdict(self.cfg),
                  "corpus_fingerprint": self.data.fingerprint, "baseline_loss": self.baseline_loss}
-        ckpt_store.save_checkpoint(self.dir, self.step, self.manifest, self.lm.dense_state(),
-                                   self.lm.tables, state)
-        self.manifest = ckpt_store.read_json(self.dir / ckpt_store.MANIFEST)
+        self.manifest = ckpt_store.save_checkpoint(self.dir, self.step, self.manifest, self.lm.dense_state(),
+                                                   self.lm.tables, state)
 
     def restore(self, state: dict, tensors: dict) -> None:
         if state["corpus_fingerprint"] != self.data.fingerprint:

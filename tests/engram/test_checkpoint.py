@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from engram_runtime.checkpoint import (EngramCheckpointError, init_checkpoint, init_main, load_checkpoint,
-                                       normal_rows, rows_per_head_for_size, table_file_name)
+from engram_runtime.checkpoint import init_checkpoint, load_checkpoint, normal_rows, rows_per_head_for_size
+from engram_runtime.checkpoint_format import (EngramCheckpointError, read_manifest, table_file_name, with_files,
+                                              write_manifest)
+from engram_runtime.checkpoint_init import InitOptions, engram_init
+from engram_runtime.checkpoint_init import main as init_main
 from engram_runtime.engram_config import EngramConfig
 from engram_runtime.hashing import table_sizes_for
 from offload.tablefile import map_rows, read_header
@@ -86,7 +89,13 @@ def test_bad_manifest_and_dense_file_are_refused(ckpt, tmp_path):
     for damage, message in [({"format": "other/9"}, "format"),
                             ({"config": {**manifest["config"], "n_heads": 2}}, "unknown field"),
                             ({"config": {**manifest["config"], "engram_vocab_size": [70, 50]}}, "shape"),
-                            ({"tables": {"0": manifest["tables"]["0"]}}, "layer")]:
+                            ({"tables": {"0": manifest["tables"]["0"]}}, "layer"),
+                            ({"backbone": {**manifest["backbone"], "vocab_size": "100"}}, "vocab_size"),
+                            ({"dense": {"file": "dense.safetensors"}}, "sha256"),
+                            ({"tables": {**manifest["tables"], "2": {**manifest["tables"]["2"], "nbytes": None}}},
+                             "layer 2.*nbytes"),
+                            ({"tables": {**manifest["tables"], "2": {**manifest["tables"]["2"], "dtype": "int3"}}},
+                             "layer 2.*int3")]:
         manifest_path.write_text(json.dumps({**manifest, **damage}))
         with pytest.raises(EngramCheckpointError, match=message):
             load_checkpoint(ckpt)
@@ -100,6 +109,17 @@ def test_bad_manifest_and_dense_file_are_refused(ckpt, tmp_path):
     dense.write_bytes(bytes(raw))
     with pytest.raises(EngramCheckpointError, match="dense.safetensors.*sha256"):
         load_checkpoint(ckpt)
+
+
+def test_rewritten_files_keep_the_rest_and_bad_manifests_are_not_written(ckpt):
+    manifest, _ = read_manifest(ckpt)
+    entry = {"file": "table_layer2.x.safetensors", "dtype": "bfloat16", "nbytes": 1, "sha256": "0" * 64}
+    new = with_files(manifest, tables={2: entry})
+    assert new["tables"]["2"] == {**manifest["tables"]["2"], **entry}  # head offsets and shape kept
+    assert new["tables"]["0"] == manifest["tables"]["0"] and manifest["tables"]["2"]["dtype"] == "float32"
+    with pytest.raises(EngramCheckpointError, match="layer 2.*shape"):
+        write_manifest(ckpt, with_files(manifest, tables={2: {"shape": [1, 16]}}))
+    assert read_manifest(ckpt)[0] == manifest  # the refused manifest did not replace the good one
 
 
 def test_backbone_mismatch_is_refused(ckpt):
@@ -129,6 +149,14 @@ def test_engram_init_default_layout_for_smollm2(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
     assert init_main([str(tmp_path / "y"), "--table-gb", "0", "--quiet"]) == 2
     assert "--table-gb must be positive" in capsys.readouterr().err
+
+
+def test_engram_init_as_a_function_matches_the_command(tmp_path):
+    engram_init(InitOptions(out=tmp_path / "f", rows_per_head=300, layers=[1], progress=False))
+    assert init_main([str(tmp_path / "c"), "--rows-per-head", "300", "--layers", "1", "--quiet"]) == 0
+    assert read_manifest(tmp_path / "f")[0] == read_manifest(tmp_path / "c")[0]
+    with pytest.raises(ValueError, match="not both"):
+        InitOptions(out=tmp_path / "g", rows_per_head=300, table_gb=1.0).config(BACKBONE)
 
 
 def test_table_size_target():

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from engram_runtime.checkpoint import init_main
+from engram_runtime.checkpoint_init import InitOptions, engram_init
 from loadtest.process import ServerProcess, engram_serve_cmd, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,7 +127,7 @@ def observed_server(tmp_path_factory):
     """(server, prometheus, load): all three running until the session ends."""
     _require(PROMETHEUS)
     ckpt = tmp_path_factory.mktemp("obs-engram") / "tiny"
-    assert init_main([str(ckpt), "--rows-per-head", "2000", "--dtype", "float32", "--quiet"]) == 0
+    engram_init(InitOptions(out=ckpt, rows_per_head=2000, dtype="float32", progress=False))
     logs = tmp_path_factory.mktemp("obs-logs")
     args = ["--engram", str(ckpt), "--cache-rows", "2000", "--max-model-len", "96", "--max-num-seqs", "4"]
     with ServerProcess(engram_serve_cmd(args), logs / "engram-serve.log") as server:

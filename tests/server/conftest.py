@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from engram_runtime.checkpoint import init_main
+from engram_runtime.checkpoint_init import InitOptions, engram_init
 from loadtest.process import ServerProcess, engram_serve_cmd
 
 API_KEY = "test-key-123"
@@ -23,7 +23,7 @@ ENGRAM_LAYERS = [1, 15]
 @pytest.fixture(scope="session")
 def engram_ckpt(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("engram") / "tiny"
-    assert init_main([str(path), "--rows-per-head", "2000", "--dtype", "float32", "--quiet"]) == 0
+    engram_init(InitOptions(out=path, rows_per_head=2000, dtype="float32", progress=False))
     return str(path)
 
 

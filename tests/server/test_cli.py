@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser, configs, env_name, main, set_compute_threads
-from engram_runtime.checkpoint import init_main
+from engram_runtime.checkpoint_init import InitOptions, engram_init
 from server import default_engram
+from server.cli import build_parser, configs, env_name, main, set_compute_threads
 from server.default_engram import INIT_NAME, TRAINED_NAME, resolve_default_engram
 
 
@@ -68,7 +68,7 @@ def test_compute_threads_leave_one_cpu_by_default():
 
 def test_corrupt_checkpoint_refused_before_loading(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    assert init_main([str(ckpt), "--rows-per-head", "300", "--dtype", "float32", "--quiet"]) == 0
+    engram_init(InitOptions(out=ckpt, rows_per_head=300, dtype="float32", progress=False))
     table = next(ckpt.glob("table_layer*.safetensors"))
     with open(table, "r+b") as f:
         f.truncate(os.path.getsize(table) - 10)
