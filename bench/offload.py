@@ -68,21 +68,21 @@ def _timed_loop(fn, batches, seconds: float) -> tuple[float, int]:
     return done_rows / (time.perf_counter() - t0), calls
 
 
-def make_checkpoint(cfg: BenchConfig, loaded) -> "EngramCheckpoint":
-    """A default-layout Engram checkpoint for the default backbone, bf16 tables totalling --gb."""
-    from engram_runtime.checkpoint import default_config, init_checkpoint, load_checkpoint, rows_per_head_for_size
-    c = loaded.config
-    path = Path(cfg.dir) / "ckpt"
-    rows = rows_per_head_for_size(cfg.gb / len(LAYERS), HEADS, HEAD_DIM, "bfloat16")
-    ecfg = default_config(c.vocab_size, rows_per_head=rows)
-    if (path / "engram.json").exists():
-        ckpt = load_checkpoint(path)
-        if ckpt.config.engram_vocab_size == ecfg.engram_vocab_size:
+def make_checkpoint(cfg: BenchConfig) -> "EngramCheckpoint":
+    """engram-init's default layout for the default backbone, bf16 tables totalling --gb; the one
+    already in --dir is reused when it has that layout."""
+    from engram_runtime.checkpoint import backbone_info, load_checkpoint
+    from engram_runtime.checkpoint_format import EngramCheckpointError
+    from engram_runtime.checkpoint_init import InitOptions, engram_init
+    options = InitOptions(out=Path(cfg.dir) / "ckpt", table_gb=cfg.gb / len(LAYERS), dtype="bfloat16", force=True)
+    try:
+        ckpt = load_checkpoint(options.out)
+        if ckpt.config == options.config(backbone_info(None)):
             return ckpt
-    backbone = {"name": c.name, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
-                "vocab_size": c.vocab_size}
-    init_checkpoint(path, ecfg, backbone, dtype="bfloat16", overwrite=True)
-    return load_checkpoint(path)
+    except EngramCheckpointError:
+        pass
+    engram_init(options)
+    return load_checkpoint(options.out)
 
 
 def evict_from_page_cache(path: Path) -> None:
@@ -117,24 +117,24 @@ def disk_random_reads(path: Path, seconds: float, queue_depth: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
-def measure_gathers(cfg: BenchConfig, root: Path, tables: dict) -> dict:
+def measure_gathers(cfg: BenchConfig, ckpt) -> dict:
     """Random uniform rows: the worst case for every tier (no locality, no cache)."""
     rng = np.random.default_rng(0)
-    num_rows = tables["1"]["shape"][0]
+    num_rows = ckpt.tables_manifest["1"]["shape"][0]
     uniform = [rng.integers(0, num_rows, cfg.batch_tokens * HEADS) for _ in range(256)]
     out: dict = {"rows_per_gather": cfg.batch_tokens * HEADS}
-    host = TableSet.open(root, tables, placement="host")
+    host = TableSet.open(ckpt.path, ckpt.tables_manifest, placement="host")
     raw = host[1].resident.view(torch.uint8).numpy()
     staging = np.empty((len(uniform[0]), ROW_BYTES), np.uint8)
     out["dram_limit_rows_per_s"], _ = _timed_loop(lambda b: np.take(raw, b, axis=0, out=staging), uniform, cfg.seconds)
     out["host_rows_per_s"], _ = _timed_loop(host[1].gather, uniform, cfg.seconds)
     out["host_vs_dram_limit"] = out["host_rows_per_s"] / out["dram_limit_rows_per_s"]
     del host, raw
-    path = root / tables["1"]["file"]
+    path = ckpt.table_path(1)
     out["disk_limit_qd1_reads_per_s"] = disk_random_reads(path, cfg.seconds, 1)
     out["disk_limit_qd8_reads_per_s"] = disk_random_reads(path, cfg.seconds, 8)
     evict_from_page_cache(path)
-    mm = TableSet.open(root, tables, placement="mmap")
+    mm = TableSet.open(ckpt.path, ckpt.tables_manifest, placement="mmap")
     out["mmap_cold_rows_per_s"], calls = _timed_loop(mm[1].gather, uniform, cfg.seconds)
     out["mmap_cold_gathers"] = calls
     out["mmap_cold_vs_disk_qd1"] = out["mmap_cold_rows_per_s"] / out["disk_limit_qd1_reads_per_s"]
@@ -233,8 +233,8 @@ def measure_decode(cfg: BenchConfig, ckpt, hasher, loaded) -> dict:
     plain in-process tensor baseline. Configurations alternate (A B C D D C B A) so drift in machine
     load hits all of them alike; the mmap table starts evicted from the page cache.
     """
-    from engram_runtime.engram_state import EngramRuntime
-    from engram_runtime.model_runner import ModelRunner, Row
+    from engram_runtime.engram_runner import EngramRunner
+    from engram_runtime.model_runner import Chunk, ModelRunner
     runner = ModelRunner(loaded.config, loaded.state_dict, torch.float32, 32,
                          cfg.prompt_tokens + 2 * cfg.steps + 8)
     layers = ckpt.build_layers()
@@ -242,35 +242,36 @@ def measure_decode(cfg: BenchConfig, ckpt, hasher, loaded) -> dict:
     with torch.no_grad():
         for layer in layers.values():  # a fresh checkpoint's value projection is zero
             layer.value_proj.weight.copy_(torch.randn(layer.value_proj.weight.shape, generator=gen) * 0.05)
+    runner.model.set_engram_layers(sorted(layers))
     text = stdlib_tokens(loaded.tokenizer, 32 * cfg.prompt_tokens)
     prompts = [text[i * cfg.prompt_tokens:(i + 1) * cfg.prompt_tokens] for i in range(32)]
     host = TableSet.open(ckpt.path, ckpt.tables_manifest, placement="host")
-    for entry in ckpt.tables_manifest.values():
-        evict_from_page_cache(ckpt.path / entry["file"])
+    for lid in layers:
+        evict_from_page_cache(ckpt.table_path(lid))
     mapped = TableSet.open(ckpt.path, ckpt.tables_manifest, placement="mmap", cache_rows=cfg.cache_rows)
     configs = {"plain_tensor": (host, False), "host_prefetch": (host, True),
                "mmap_cache_prefetch": (mapped, True), "mmap_cache_inline": (mapped, False)}
+    engrams = {name: EngramRunner(layers, hasher, tables, runner.num_slots, runner.dtype, prefetch)
+               for name, (tables, prefetch) in configs.items()}
     out: dict = {"cache_rows": cfg.cache_rows}
     for batch in (1, 32):
         step_s = {name: [] for name in configs}
         wait_s = {name: [] for name in configs}
         for name in [*configs, *reversed(configs)]:
-            tables, prefetch = configs[name]
-            runtime = EngramRuntime(layers, hasher, tables, ckpt.head_offsets, runner, prefetch)
+            tables = configs[name][0]
             ids = [list(p) for p in prompts[:batch]]
-            rows = [Row(b, ids[b], 0) for b in range(batch)]
+            chunks = [Chunk(b, ids[b], 0) for b in range(batch)]
             with torch.no_grad():
                 for step in range(cfg.steps + 1):
                     waited = _wait_seconds(tables)
                     t0 = time.perf_counter()
-                    logits = runner.forward(rows, runtime.step_hook(ids, rows))
+                    logits = runner.forward(chunks, engrams[name].submit(chunks, ids))
                     for b, token in enumerate(logits.argmax(-1).tolist()):
                         ids[b].append(token)
                     if step:  # decode steps only, not the prefill
                         step_s[name].append(time.perf_counter() - t0)
                         wait_s[name].append(_wait_seconds(tables) - waited)
-                    rows = [Row(b, ids[b][-1:], len(ids[b]) - 1) for b in range(batch)]
-            runtime.prefetcher.close()
+                    chunks = [Chunk(b, ids[b][-1:], len(ids[b]) - 1) for b in range(batch)]
         res = {}
         for name in configs:
             warm = len(step_s[name]) // 2 // 5  # skip the first 20 % of each round
@@ -290,8 +291,8 @@ def measure_decode(cfg: BenchConfig, ckpt, hasher, loaded) -> dict:
         out[f"batch{batch}"] = res
         print(json.dumps(res, indent=1))
     out["mmap_cache_hit_rate"] = {layer: st["cache_hit_rate"] for layer, st in mapped.stats.snapshot().items()}
-    host.close()
-    mapped.close()
+    for engram in engrams.values():  # each closes its tables too; closing a TableSet twice is harmless
+        engram.close()
     return out
 
 
@@ -331,12 +332,12 @@ def main(argv: list[str] | None = None) -> int:
                                                  "torch_threads": torch.get_num_threads()}}
     loaded = load_model(default_model_path())
     try:
-        ckpt = make_checkpoint(cfg, loaded)
+        ckpt = make_checkpoint(cfg)
         hasher = NgramHasher(ckpt.config, CompressedTokenizer.from_tokenizer(loaded.tokenizer))
         result["tables"] = {k: {"nbytes": v["nbytes"], "rows": v["shape"][0], "dtype": v["dtype"]}
                             for k, v in ckpt.tables_manifest.items()}
         if "gather" not in skip:
-            result["gather"] = measure_gathers(cfg, ckpt.path, ckpt.tables_manifest)
+            result["gather"] = measure_gathers(cfg, ckpt)
             print(json.dumps(result["gather"], indent=1))
         if "cache" not in skip:
             result["cache"] = measure_cache(cfg, ckpt, hasher, loaded.tokenizer)
