@@ -35,8 +35,6 @@ BUILTIN_PROMPTS = [
     "How do vaccines train the immune system?",
 ]
 
-DATASETS = ("random", "builtin")  # or a path to a .txt / .jsonl file
-
 
 class WorkloadError(ValueError):
     """A dataset cannot be read or the workload parameters make no sense."""
@@ -58,7 +56,7 @@ class SampleRequest:
 
 @dataclass
 class WorkloadConfig:
-    dataset: str = "random"
+    dataset: str = "random"  # "random", "builtin" or a path to a .txt / .jsonl file
     num_prompts: int = 100
     input_len: int = 128
     output_len: int = 128

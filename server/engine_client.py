@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import AsyncIterator
 
 from engram_runtime.engine import EngineConfig, LLMEngine
 from engram_runtime.sampling import SamplingParams
-from offload.stats import TableStats
 
 from server.config import ServerConfig
 from server.errors import APIError
@@ -149,7 +147,6 @@ class EngineClient:
         self._active: set[Generation] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.started_at = time.time()
 
     # ------------------------------------------------------------------ lifecycle
     async def load(self) -> None:
@@ -174,11 +171,8 @@ class EngineClient:
     def _engine_stats(self):
         return self.engine.stats() if self.engine is not None else None
 
-    def _table_stats(self) -> TableStats | None:
-        return self.engine.table_stats if self.engine is not None else None
-
     def _table_snapshot(self) -> dict | None:
-        stats = self._table_stats()
+        stats = self.engine.table_stats if self.engine is not None else None
         return stats.snapshot() if stats is not None else None
 
     async def drain(self, timeout: float) -> None:
