@@ -151,7 +151,7 @@ def _gather_kernel(table_ptr, rows_ptr, out_ptr, n_rows, row_stride, HEAD_DIM: t
         bits = tl.where(e == 0, subnormal, ((e + 120) << 23) | (m << 20))
         bits = tl.where((e == 15) & (m == 7), 0x7FC00000, bits) | ((b & 128) << 24)
         scale = tl.load(start + HEAD_DIM + cols[None, :] // 32, mask=mask, other=127).to(tl.int32)
-        scale_bits = tl.where(scale == 0, 0x00400000, scale << 23)
+        scale_bits = tl.where(scale == 0, 0x00400000, scale << 23)  # _UE8M0_ZERO_BITS for byte 0
         value = bits.to(tl.float32, bitcast=True) * scale_bits.to(tl.float32, bitcast=True)
     dst = out_ptr + idx[:, None].to(tl.int64) * HEAD_DIM + cols[None, :]
     if not OUT_BF16:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorDeviceMismatchError, FakeTensorMode
 
+from engram_kernels.triton_gather import gather_rows
 from engram_runtime.compression import CompressedTokenizer
 from engram_runtime.device_hashing import DeviceHasher
 from engram_runtime.engram_config import EngramConfig
@@ -87,8 +88,8 @@ def test_chunked_prefill_with_right_padding(which, request):
         for b, n in enumerate(lengths):
             batch[b, :n] = seqs[b, done[b]: done[b] + n]
         rows = device_hasher.rows(slots, longs(batch), longs(lengths)).numpy().reshape(-1, 3, width, heads)
-        reference = hasher.step_rows([seqs[b, max(0, done[b] - before): done[b] + n].tolist() for b, n in enumerate(lengths)],
-                                     lengths)
+        contexts = [seqs[b, max(0, done[b] - before): done[b] + n].tolist() for b, n in enumerate(lengths)]
+        reference = hasher.step_rows(contexts, lengths)
         reference = np.stack([reference[lid] for lid in hasher.cfg.layer_ids]).reshape(-1, 3, width, heads)
         for b, n in enumerate(lengths):
             np.testing.assert_array_equal(rows[:, b, :n], reference[:, b, :n])
@@ -159,3 +160,16 @@ def test_the_fake_cuda_trace_catches_a_cpu_tensor(hasher, name):
 def test_the_fake_cuda_trace_catches_a_host_sync(hasher):
     with pytest.raises(DataDependentOutputException):
         fake_step(hasher, sync=True)
+
+
+def test_the_rows_feed_the_gather_on_fake_cuda(hasher4):
+    """Hash on the device, then gather each layer's rows from its (fake CUDA, e.g. UVA) table: no
+    host hop between the two, so a decode step's Engram reads can sit in one CUDA graph."""
+    with FakeTensorMode():
+        device_hasher = fake_cuda(DeviceHasher(hasher4, num_slots=4))
+        rows = device_hasher.step(torch.empty(4, dtype=torch.int64, device="cuda"),
+                                  torch.empty(4, 1, dtype=torch.int64, device="cuda"))
+        for i, lid in enumerate(hasher4.cfg.layer_ids):
+            table = torch.empty(hasher4.num_rows[lid], 64 + 2, dtype=torch.uint8, device="cuda")
+            got = gather_rows(table, rows.select(0, i).reshape(-1), "fp8_e4m3", torch.bfloat16)
+            assert got.device.type == "cuda" and got.shape == (4 * hasher4.cfg.heads_total, 64)

@@ -91,8 +91,8 @@ def test_no_rows_and_the_backend_choice(monkeypatch):
     assert choose_backend(torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         gather_rows(table, torch.tensor([1]), "bfloat16", backend="triton")
-    assert_same(gather_rows(table, torch.tensor([1, 4]), "bfloat16"), reference(table, torch.tensor([1, 4]), "bfloat16",
-                                                                                torch.float32))
+    rows = torch.tensor([1, 4])
+    assert_same(gather_rows(table, rows, "bfloat16"), reference(table, rows, "bfloat16", torch.float32))  # auto: torch
 
 
 def test_torch_fallback_without_triton(monkeypatch):
@@ -101,7 +101,8 @@ def test_torch_fallback_without_triton(monkeypatch):
     monkeypatch.setattr(module, "triton", None)
     table, rows = make_table("fp8_e4m3", 50, 64), torch.tensor([3, 3, 49, 0])
     assert choose_backend(table.device) == "torch"
-    assert_same(gather_rows(table, rows, "fp8_e4m3", torch.bfloat16), reference(table, rows, "fp8_e4m3", torch.bfloat16))
+    want = reference(table, rows, "fp8_e4m3", torch.bfloat16)
+    assert_same(gather_rows(table, rows, "fp8_e4m3", torch.bfloat16), want)
 
 
 def test_bad_arguments_are_refused():
