@@ -30,29 +30,29 @@ RESULTS = Path(__file__).parent / "results"
 PROMPT = "The history of the city begins with a small settlement on the river, where traders"
 
 
-def _no_engram(token_ids, rows) -> None:
+def _no_engram(chunks, token_ids) -> None:
     return None
 
 
 def switched_steps(engine: LLMEngine, blocks: int, steps_per_block: int) -> dict[str, list[float]]:
     """Step times (s) with the Engram hook off and on, alternating every `steps_per_block` steps;
     the first step after each switch is not timed."""
-    runtime = engine.engram
+    engram = engine.engram
     times: dict[str, list[float]] = {"off": [], "on": []}
     try:
         for _ in range(blocks):
             for name in times:
                 if name == "off":
-                    runtime.step_hook = _no_engram  # shadows the method: the forward skips Engram
+                    engram.submit = _no_engram  # shadows the method: the forward skips Engram
                 else:
-                    del runtime.step_hook
+                    del engram.submit
                 engine.step()
                 for _ in range(steps_per_block):
                     t0 = time.perf_counter()
                     engine.step()
                     times[name].append(time.perf_counter() - t0)
     finally:
-        runtime.__dict__.pop("step_hook", None)
+        engram.__dict__.pop("submit", None)
     return times
 
 

@@ -85,24 +85,24 @@ def bench_engram_compute(cfg, reps: int) -> dict:
 def load_runtime():
     """The runtime's ModelRunner on the default backbone, or None with the reason."""
     try:
-        from engram_runtime.model_runner import ModelRunner, Row
+        from engram_runtime.model_runner import ModelRunner, Chunk
         from engram_runtime.weights import default_model_path, load_weights
     except ImportError as exc:
         return None, f"engram_runtime.model_runner not importable: {exc}"
     config, sd = load_weights(default_model_path())
-    return (config, sd, ModelRunner, Row), None
+    return (config, sd, ModelRunner, Chunk), None
 
 
 def bench_backbone(runtime, reps: int, quick: bool) -> dict:
-    config, sd, ModelRunner, Row = runtime
+    config, sd, ModelRunner, Chunk = runtime
     out = {}
     ctx = 256
     for dname, dtype in DTYPES.items():
         runner = ModelRunner(config, sd, dtype, num_slots=max(BATCHES), max_model_len=PREFILL + 8)
         for b in BATCHES:
-            rows = [Row(slot=i, token_ids=[100 + i], start_pos=ctx) for i in range(b)]
+            rows = [Chunk(slot=i, token_ids=[100 + i], start_pos=ctx) for i in range(b)]
             out[f"decode_step_{dname}_batch{b}"] = time_us(lambda: runner.forward(rows), reps)
-        prompt = [Row(slot=0, token_ids=list(range(1000, 1000 + PREFILL)), start_pos=0)]
+        prompt = [Chunk(slot=0, token_ids=list(range(1000, 1000 + PREFILL)), start_pos=0)]
         out[f"prefill_{PREFILL}_{dname}"] = time_us(lambda: runner.forward(prompt), 1 if quick else 3, warmup=1)
         del runner
     return out

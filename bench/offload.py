@@ -242,7 +242,6 @@ def measure_decode(cfg: BenchConfig, ckpt, hasher, loaded) -> dict:
     with torch.no_grad():
         for layer in layers.values():  # a fresh checkpoint's value projection is zero
             layer.value_proj.weight.copy_(torch.randn(layer.value_proj.weight.shape, generator=gen) * 0.05)
-    runner.model.set_engram_layers(sorted(layers))
     text = stdlib_tokens(loaded.tokenizer, 32 * cfg.prompt_tokens)
     prompts = [text[i * cfg.prompt_tokens:(i + 1) * cfg.prompt_tokens] for i in range(32)]
     host = TableSet.open(ckpt.path, ckpt.tables_manifest, placement="host")

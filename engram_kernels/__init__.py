@@ -1,29 +1,25 @@
 """Fused CPU kernels for the decode hot path, each beside the torch ops it replaces.
 
-On a 2-core CPU a decode step's non-matmul work is dozens of small torch ops per
-layer whose fixed costs and extra passes over memory added up to half of a bfloat16
-step at batch 128 (torch.profiler: the matmuls took 54 ms of 116). The kernels in
-csrc/ do each job in one pass: decode attention with RoPE and the KV-cache write,
-RMSNorm (with the residual add before it) straight into the next matmul's dtype,
-SiLU-and-multiply, and an Engram layer's gate and short conv for a decode step.
-
-Engram's own per-step work is a few hundred microseconds of numpy and torch calls
-in a 15 ms batch-1 step, yet each call runs with cold caches (the backbone's
-270 MB of weights have just streamed through them) and costs 30-100 us instead
-of 2-10: the N-gram hash of every layer, a table's gather-and-decode and the
-projection of a batch-1 step's rows are one call each here for that reason, and
-the module is plain pybind11 (csrc/module.cpp says why). It also holds the native
-prefetch worker, ``native().RowPrefetcher`` (csrc/row_prefetch.cpp; offload/prefetch.py
-uses it), a thread that gathers and projects a decode step's rows without the GIL, and
-the counters it keeps for the table statistics (``native().TableCounters``). The package
-sits outside engram_runtime because offload/ uses it too.
+A decode step on a small CPU is dozens of small torch ops per layer whose fixed costs and
+extra passes over memory add up to a large share of the step: the kernels in csrc/ do each
+job in one pass: decode attention with RoPE and the KV-cache write, RMSNorm (with the
+residual add before it) straight into the next matmul's dtype, SiLU-and-multiply, an Engram
+layer's gate and short conv for a decode step, the N-gram hash of every layer, a table's
+gather-and-decode, and the projection of a decode step's rows. Engram's calls run mid-
+forward with caches the backbone's weights have just flushed, where a native call costs a
+fraction of the torch ops it replaces. The module also holds the native prefetch worker,
+``native().RowPrefetcher`` (csrc/row_prefetch.cpp, made by ``row_prefetcher``), a thread
+that hashes, gathers and projects a decode step's rows without the GIL, and the counters it
+keeps for the table statistics (``native().TableCounters``). Structures cross into C++ as
+the named dataclasses below (MixWeights, HashArgs, LayerJob).
 
 They are compiled on first use (~45 s, once per machine and checkout, cached in
 torch's extension directory, shared by later processes) by torch's C++ extension
 builder with the system compiler. Without a compiler, with ENGRAM_SERVE_NATIVE=0,
-or where autograd is recording (training: the kernels have no backward), every
-function here runs its torch (or numpy) equivalent instead; the tests check that
-the two agree.
+where autograd is recording (training: the kernels have no backward), or for tensors
+that are not on the CPU, every function here runs its torch (or numpy) equivalent
+instead; the tests check that the two agree. The native functions themselves refuse
+tensors that are not on the CPU.
 """
 from __future__ import annotations
 
@@ -32,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -44,10 +41,9 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
     "decode_attention.cpp", "elementwise.cpp", "engram_mix.cpp", "ngram_hash.cpp", "gather_rows.cpp", "small_linear.cpp",
     "row_prefetch.cpp", "table_counters.cpp", "module.cpp")]
-# Projections of up to this many rows (decode steps) use small_linear wherever they run: in
-# EngramLayer.memory and on the native prefetch worker alike, so both give the same bits. On one
-# thread, warm, against oneDNN's prepacked bfloat16 matmul: 39 vs 56 us at 1 row, 263 vs 118 at 16,
-# 1038 vs 379 at 64; with cold caches (mid-forward) small_linear's lead at 1-2 rows is 2x.
+# Projections of up to this many rows (decode steps) use small_linear wherever they run, on the
+# native prefetch worker and in the Python paths alike, so both give the same bits: up to here it
+# runs on one thread, which is all the worker has, at a cost oneDNN's matmul matches only beyond.
 SMALL_LINEAR_MAX_ROWS = 64
 # -ffast-math lets gcc vectorise expf (softmax, SiLU); inputs are finite activations
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
@@ -92,9 +88,65 @@ def available() -> bool:
     return native() is not None
 
 
-def enabled() -> bool:
-    """Whether this call may use the kernels: they are built and autograd is not recording."""
-    return not torch.is_grad_enabled() and available()
+def enabled(*tensors: torch.Tensor) -> bool:
+    """Whether this call may use the kernels: they are built, autograd is not recording and
+    every tensor given is on the CPU (CUDA tensors, and fake ones, take the torch ops)."""
+    return not torch.is_grad_enabled() and all(t.device.type == "cpu" for t in tensors) and available()
+
+
+@dataclass(frozen=True)
+class MixWeights:
+    """An Engram layer's own weights for engram_mix, in their final forms (EngramLayer.mix_weights):
+    key_scale [hc, D] (both gate norms' weights and 1/sqrt(D)), the conv's branch norm weights
+    [hc, D] and taps [kernel_size, hc*D], all float32 and contiguous; the conv's dilation; the
+    gate's and the conv norm's epsilons."""
+
+    key_scale: torch.Tensor
+    norm_weight: torch.Tensor
+    taps: torch.Tensor
+    dilation: int
+    gate_eps: float
+    conv_eps: float
+
+
+@dataclass(frozen=True)
+class HashArgs:
+    """NgramHasher.step_rows as data for the native worker (NgramHasher.kernel_args): ngram_rows'
+    arguments after the token ids (lookup, pad, multipliers, primes, offsets: layers in the
+    worker's order, offsets included), then the raw pad id of a window's missing positions and
+    N - 1, the context positions before each row's new tokens."""
+
+    lookup: torch.Tensor
+    pad: int
+    multipliers: torch.Tensor
+    primes: torch.Tensor
+    offsets: torch.Tensor
+    window_pad: int
+    skip: int
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    """What the native worker does with one layer's rows (csrc/row_prefetch.h): gather them from
+    `table` (raw rows in CPU memory) decoded into `dtype`, project each token's rows (flattened)
+    @ weight.T + bias in float32 and view the result as `shape`. With `mix`, a ticket's mix() runs
+    engram_mix on it with the layer's conv state `conv_state` (updated in place)."""
+
+    table: torch.Tensor
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    conv_state: torch.Tensor | None = None
+    mix: MixWeights | None = None
+
+
+def row_prefetcher(jobs: list[LayerJob], hash_args: HashArgs, counters):
+    """The native prefetch worker over these layers (in the forward's order, which hash_args
+    follows): `submit_tokens(contexts, new token counts, slots)` hashes a step's tokens, gathers
+    and projects each layer's rows, and returns its ticket at once; counters: the native
+    TableCounters its gathers and waits go to."""
+    return native().RowPrefetcher(jobs, hash_args, counters)
 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -108,7 +160,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """RMSNorm of float32 x with float32 weight, returned in `dtype` (the next matmul's)."""
-    if enabled() and x.is_contiguous():
+    if enabled(x) and x.is_contiguous():
         return native().rms_norm(x, weight, eps, dtype)
     return F.rms_norm(x, weight.shape, weight, eps).to(dtype)
 
@@ -117,7 +169,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, rms_norm(x + delta)). The native kernel adds in place, so the caller
     must not use x afterwards, only the returned sum."""
-    if enabled() and x.is_contiguous() and delta.is_contiguous():
+    if enabled(x, delta) and x.is_contiguous() and delta.is_contiguous():
         return x, native().add_rms_norm_(x, delta, weight, eps, dtype)
     x = x + delta
     return x, rms_norm(x, weight, eps, dtype)
@@ -125,20 +177,18 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 
 def silu_and_mul(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] on the last dimension, in `dtype`."""
-    if enabled() and gate_up.is_contiguous():
+    if enabled(gate_up) and gate_up.is_contiguous():
         return native().silu_and_mul(gate_up, dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     return (F.silu(gate) * up).to(dtype)
 
 
-def engram_mix(hidden: torch.Tensor, memory: torch.Tensor, key_scale: torch.Tensor, state: torch.Tensor,
-               slots: torch.Tensor, norm_weight: torch.Tensor, taps: torch.Tensor, dilation: int, gate_eps: float,
-               conv_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def engram_mix(hidden: torch.Tensor, memory: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
+               weights: MixWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """EngramLayer.mix for one new token per row (native only, see csrc/engram_mix.cpp), all
     float32 and contiguous: hidden [B, hc, D], memory [B, hc + 1, D] -> (out [B, hc, D], gate
     [B, hc]); rows `slots` of the conv state [slots, context, hc * D] advance by one position."""
-    return native().engram_mix(hidden, memory, key_scale, state, slots, norm_weight, taps, dilation, gate_eps,
-                               conv_eps)
+    return native().engram_mix(hidden, memory, state, slots, weights)
 
 
 def ngram_rows(ids: torch.Tensor, lookup: torch.Tensor, pad: int, multipliers: torch.Tensor, primes: torch.Tensor,

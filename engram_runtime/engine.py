@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from engram_runtime.allocator import keep_freed_memory
-from engram_runtime.model_runner import ModelRunner, Row, parse_dtype
+from engram_runtime.model_runner import Chunk, ModelRunner, parse_dtype
 from engram_runtime.sampling import SamplingParams, sample
 from engram_runtime.scheduler import ScheduledBatch, Scheduler
 from engram_runtime.sequence import IncrementalDetokenizer, RequestOutput, Sequence
@@ -78,9 +78,9 @@ class LLMEngine:
         self.table_stats = None
         self.engram_layer_ids: list[int] = []
         if config.engram is not None:
-            from engram_runtime.engram_state import EngramRuntime
+            from engram_runtime.engram_runner import EngramRunner
 
-            self.engram = EngramRuntime.load(config, self.tokenizer, self.runner)
+            self.engram = EngramRunner.load(config, self.tokenizer, self.runner)
             self.table_stats = self.engram.table_stats
             self.engram_layer_ids = self.engram.layer_ids
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
@@ -204,7 +204,7 @@ class LLMEngine:
                 self._finish(seq)
 
     def step(self) -> None:
-        """One engine step: schedule, forward (decode rows, then prefill rows), sample, emit."""
+        """One engine step: schedule, forward (decode chunks, then prefill chunks), sample, emit."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
@@ -217,19 +217,19 @@ class LLMEngine:
         logits: list[torch.Tensor] = []
         gates: list[dict[int, float] | None] = []
         for group in self._forward_groups(batch):
-            seqs, rows = zip(*group)
+            seqs, chunks = zip(*group)
             try:
-                hook = self.engram.step_hook([s.all_token_ids for s in seqs], list(rows)) if self.engram else None
-                out = self.runner.forward(list(rows), hook)
+                hook = self.engram.submit(list(chunks), [s.all_token_ids for s in seqs]) if self.engram else None
+                out = self.runner.forward(list(chunks), hook)
             except Exception as exc:  # a failing batch must not take the loop down
                 log.exception("forward failed")
                 for seq in seqs:
                     self._fail(seq, exc)
                 continue
             picked = []
-            for i, (seq, row) in enumerate(group):
-                seq.num_computed += len(row.token_ids)
-                if not seq.in_prefill:  # a finished prompt or a decode row: sample its next token
+            for i, (seq, chunk) in enumerate(group):
+                seq.num_computed += len(chunk.token_ids)
+                if not seq.in_prefill:  # a finished prompt or a decode chunk: sample its next token
                     picked.append(i)
                     to_sample.append(seq)
                     gates.append(hook.gates(i) if hook is not None else None)
@@ -244,13 +244,13 @@ class LLMEngine:
         for fn in self._step_observers:
             fn(dt, n_tokens)
 
-    def _forward_groups(self, batch: ScheduledBatch) -> list[list[tuple[Sequence, Row]]]:
+    def _forward_groups(self, batch: ScheduledBatch) -> list[list[tuple[Sequence, Chunk]]]:
         groups = []
         if batch.decode:
-            groups.append([(s, Row(s.slot, s.pending_token_ids(), s.num_computed)) for s in batch.decode])
+            groups.append([(s, Chunk(s.slot, s.pending_token_ids(), s.num_computed)) for s in batch.decode])
         if batch.prefill:
             groups.append(
-                [(s, Row(s.slot, s.pending_token_ids()[:n], s.num_computed)) for s, n in batch.prefill]
+                [(s, Chunk(s.slot, s.pending_token_ids()[:n], s.num_computed)) for s, n in batch.prefill]
             )
         return groups
 

@@ -3,7 +3,9 @@
 Parameter names equal those of DeepSeek's reference `Engram` module (minus the
 table), so reference state dicts load as they are. The layer never holds the
 table: rows arrive already gathered (from offload/), which keeps a multi-GB table
-out of the module and lets it live in host memory or on disk.
+out of the module and lets it live in host memory or on disk. This is plain torch,
+the reference for training and for the serving paths' kernels (engram_runner.py
+runs it, or the kernels that replace it, a step at a time).
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import engram_kernels as kernels
+from engram_kernels import MixWeights
+
 from .engram_config import EngramConfig
-from .model import PackedLinear
 
 # The reference builds the gate's RMSNorms with eps=None (torch's default, finfo(dtype).eps)
 # and the short conv's with 1e-5; both are part of the numerics the golden vectors pin down.
@@ -24,19 +26,18 @@ _CONV_NORM_EPS = 1e-5
 _FLOAT32_EPS = torch.finfo(torch.float32).eps  # what _GATE_NORM_EPS = None means for the float32 kernel
 
 
-def _gated_conv(hidden: torch.Tensor, memory: torch.Tensor, key_scale: torch.Tensor, left: torch.Tensor,
-                norm_weight: torch.Tensor, taps: torch.Tensor,
-                dilation: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gated_conv(hidden: torch.Tensor, memory: torch.Tensor, left: torch.Tensor,
+                w: MixWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EngramLayer.mix's tensor math: the gate, then the short conv over the gated value.
 
-    hidden [B, T, hc, D]; memory [B, T, hc + 1, D] (EngramLayer.memory); key_scale [hc, D]
-    (EngramLayer._key_scale); left [B, context, hc*D], the conv inputs of the previous positions;
-    norm_weight [hc, D] and taps [kernel_size, hc*D] from ShortConv.weights(). Returns the output
+    hidden [B, T, hc, D]; memory [B, T, hc + 1, D] (EngramLayer.memory); left [B, context, hc*D],
+    the conv inputs of the previous positions; w: EngramLayer.mix_weights(). Returns the output
     [B, T, hc, D], the conv input with its left context [B, context + T, hc*D] (the next state is
     its tail) and the gate [B, T, hc]."""
     b, t, g, d = hidden.shape
+    dilation, norm_weight = w.dilation, w.norm_weight
     query = F.rms_norm(hidden, (d,), eps=_GATE_NORM_EPS)  # both gate norms' weights are in key_scale
-    keys = F.rms_norm(memory[:, :, :g], (d,), eps=_GATE_NORM_EPS) * key_scale
+    keys = F.rms_norm(memory[:, :, :g], (d,), eps=_GATE_NORM_EPS) * w.key_scale
     score = (keys * query).sum(dim=-1)  # [B, T, hc]
     # Signed square root tames large dot products before the sigmoid (reference).
     gate = (score.abs().clamp_min(1e-6).sqrt() * score.sign()).sigmoid()
@@ -45,7 +46,7 @@ def _gated_conv(hidden: torch.Tensor, memory: torch.Tensor, key_scale: torch.Ten
     full = torch.cat([left.to(normed.dtype), normed], dim=1)
     # Depthwise causal conv as kernel_size shifted multiply-adds in channels-last layout: the same
     # sum as Conv1d, without transposes, and several times faster than mkldnn for decode's T=1.
-    taps = taps.to(normed.dtype)
+    taps = w.taps.to(normed.dtype)
     y = full[:, :t] * taps[0]
     for j in range(1, len(taps)):
         y = y.addcmul_(full[:, j * dilation: j * dilation + t], taps[j])
@@ -70,17 +71,11 @@ class ShortConv(nn.Module):
         # padding=0: causality comes from the explicit left context (zeros or state).
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
         self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=_CONV_NORM_EPS) for _ in range(hc_mult))
-        self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # weights(), kept by freeze()
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The branch norms' weights [hc, D] and the conv taps [kernel_size, hc*D], in the layouts
         _gated_conv uses (contiguous, as the decode kernel needs them)."""
         return torch.stack([norm.weight for norm in self.norms]), self.conv.weight[:, 0, :].t().contiguous()
-
-    def freeze(self) -> None:
-        """Keep weights() for inference, where re-deriving them is a few more ops per decode step;
-        call again after changing the parameters."""
-        self.frozen = tuple(w.detach() for w in self.weights())
 
     def left_context(self, batch: int, state: torch.Tensor | None, slots: torch.Tensor | None) -> torch.Tensor:
         """The conv inputs before this call's first position: zeros, `state`, or its rows `slots`."""
@@ -124,8 +119,6 @@ class EngramLayer(nn.Module):
         self.norm2 = nn.ModuleList(nn.RMSNorm(hidden_size, eps=_GATE_NORM_EPS) for _ in range(hc_mult))
         self.short_conv = ShortConv(hidden_size, cfg.kernel_size, cfg.max_ngram_size, hc_mult)
         self.last_gate: torch.Tensor | None = None
-        self.fused_proj: PackedLinear | None = None  # these two (and short_conv.frozen) set by prepare_for_inference
-        self.key_scale: torch.Tensor | None = None
 
     def new_conv_state(self, batch_size: int, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> torch.Tensor:
@@ -149,84 +142,43 @@ class EngramLayer(nn.Module):
                              f"got {list(embeddings.shape)}")
         return self.mix(hidden_states, self.memory(embeddings), conv_state, lengths)
 
-    def prepare_for_inference(self, dtype: torch.dtype) -> None:
-        """Fuse the key and value projections into one prepacked matmul in `dtype` (the
-        backbone's), which memory() then uses: one oneDNN call instead of hc + 1 addmms. For
-        one 1024 -> 1152 projection at batch 16 that is 0.13 ms in bfloat16 against 0.64 ms for
-        F.linear in float32. The key scale and the conv's weights are kept in their final form
-        too. The parameters stay as they are; call again after changing them."""
-        projs = [*self.key_projs, self.value_proj]
-        self.fused_proj = PackedLinear(torch.cat([p.weight for p in projs]).to(dtype),
-                                       bias=torch.cat([p.bias for p in projs]))
-        self.key_scale = self._key_scale()
-        self.short_conv.freeze()
-
-    def _key_scale(self) -> torch.Tensor:
-        """[hc, D]: norm1's and norm2's weights and 1/sqrt(D), applied to the normalised keys (which
-        leaves the hidden state one plain RMS normalisation and one dot product per branch)."""
-        weights = [n1.weight * n2.weight for n1, n2 in zip(self.norm1, self.norm2)]
-        return torch.stack(weights) / math.sqrt(self.hidden_size)
+    def mix_weights(self) -> MixWeights:
+        """The weights mix() applies, in their final forms: both gate norms' weights and 1/sqrt(D)
+        folded into one key scale (which leaves the hidden state one plain RMS normalisation and
+        one dot product per branch), the conv's norm weights and taps. A serving runner makes them
+        once (EngramRunner.prepare), and the decode kernel takes them as they are."""
+        scale = torch.stack([n1.weight * n2.weight for n1, n2 in zip(self.norm1, self.norm2)])
+        norm_weight, taps = self.short_conv.weights()
+        return MixWeights(scale / math.sqrt(self.hidden_size), norm_weight, taps, self.short_conv.dilation,
+                          _FLOAT32_EPS, _CONV_NORM_EPS)
 
     def memory(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The half of the layer that depends on the gathered rows alone, its projections:
         [..., heads_total, head_dim] -> [..., hc + 1, D], per branch the key, then the value.
-        Row ids are known before the forward starts, so the prefetcher computes this off the
-        critical path. The keys' normalisation is left to mix(), where the decode kernel does it
-        for free: as ops here it cost more than the projection itself in a batch-1 step."""
-        g, d = self.hc_mult, self.hidden_size
-        emb = embeddings.flatten(start_dim=-2)
-        dtype = self.value_proj.weight.dtype
-        proj = self.fused_proj
-        if proj is not None:
-            # a decode step's rows: the native prefetch worker's kernel, for the same bits (see
-            # engram_kernels.SMALL_LINEAR_MAX_ROWS)
-            if emb.dim() == 2 and len(emb) <= kernels.SMALL_LINEAR_MAX_ROWS and dtype == torch.float32 \
-                    and kernels.enabled():
-                return kernels.small_linear(emb, proj.weight, proj.bias).unflatten(-1, (g + 1, d))
-            return proj(emb).to(dtype).unflatten(-1, (g + 1, d))
-        return torch.stack([proj(emb.to(dtype)) for proj in (*self.key_projs, self.value_proj)], dim=-2)
+        Row ids are known before the forward reaches the layer, so serving computes this off the
+        critical path. The keys' normalisation is left to mix()."""
+        emb = embeddings.flatten(start_dim=-2).to(self.value_proj.weight.dtype)
+        return torch.stack([proj(emb) for proj in (*self.key_projs, self.value_proj)], dim=-2)
 
     def mix(self, hidden_states: torch.Tensor, memory: torch.Tensor, conv_state: torch.Tensor | None = None,
-            lengths: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+            lengths: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+            weights: MixWeights | None = None) -> torch.Tensor:
         """The half that needs the hidden state: gate the memory's value by how well its keys
         match the hidden state, then the short conv. memory: memory()'s [B, T, hc + 1, D]; the
         other arguments as forward(), and slots [B]: conv_state is then the engine's per-slot
-        store [slots, context, hc*D], of which this batch's rows are `slots`."""
+        store [slots, context, hc*D], of which this batch's rows are `slots`. weights: this
+        layer's mix_weights(), when the caller keeps them."""
         b, t, g, d = hidden_states.shape
         if g != self.hc_mult or d != self.hidden_size:
             raise ValueError(f"EngramLayer {self.layer_id}: hidden_states must be [B, T, {self.hc_mult}, "
                              f"{self.hidden_size}], got {tuple(hidden_states.shape)}")
-        if t == 1 and conv_state is not None and slots is not None and kernels.enabled():  # a decode step
-            out = self.decode_step(hidden_states.reshape(b, g, d).contiguous(),
-                                   memory.reshape(b, g + 1, d).contiguous(), conv_state, slots)
-            self.last_gate = self.last_gate.view(b, t, g)
-            return out.view(b, t, g, d)
         conv = self.short_conv
-        weights = conv.frozen or conv.weights()
-        key_scale = self.key_scale if self.key_scale is not None else self._key_scale()
         left = conv.left_context(b, conv_state, slots)
-        out, full, gate = _gated_conv(hidden_states, memory, key_scale, left, *weights, conv.dilation)
+        out, full, gate = _gated_conv(hidden_states, memory, left, weights or self.mix_weights())
         if conv_state is not None:
             conv.update_state(conv_state, full, lengths, slots)
         self.last_gate = gate.detach()
         return out
-
-    def decode_step(self, hidden: torch.Tensor, memory: torch.Tensor, conv_state: torch.Tensor,
-                    slots: torch.Tensor) -> torch.Tensor:
-        """mix() for one new token per row on the native kernel (kernels.enabled() must hold), with
-        none of mix()'s reshapes: hidden [B, hc, D] and memory [B, hc + 1, D], contiguous float32
-        -> out [B, hc, D]; last_gate becomes [B, hc]. The engine's hook calls it directly: mid-
-        forward, every torch call runs with cold caches and costs tens of microseconds."""
-        key_scale, *weights = self.decode_weights()
-        out, self.last_gate = kernels.engram_mix(hidden, memory, key_scale, conv_state, slots, *weights)
-        return out
-
-    def decode_weights(self) -> tuple:
-        """decode_step's kernel arguments that are the layer's own: (key scale, conv norm weight,
-        conv taps, dilation, gate eps, conv eps); the native prefetch ticket's mix() takes them too."""
-        conv = self.short_conv
-        key_scale = self.key_scale if self.key_scale is not None else self._key_scale()
-        return key_scale, *(conv.frozen or conv.weights()), conv.dilation, _FLOAT32_EPS, _CONV_NORM_EPS
 
     def load_reference_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load a reference `Engram` state dict; its table ('multi_head_embedding.*') is skipped."""

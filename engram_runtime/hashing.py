@@ -7,8 +7,8 @@ must match the reference bit for bit, or checkpoints trained with the reference
 layout read the wrong rows. Everything is vectorised over batch, positions,
 layers and heads; the only Python loops run over the N-gram order. Where the
 native kernels are built, one call (engram_kernels.ngram_rows) does it all: the
-engine hashes every decode step, and a dozen array ops there cost more than the rest
-of Engram's step (see engram_kernels).
+engine hashes every step, where a dozen array ops would cost more than the rest of
+Engram's work.
 """
 from __future__ import annotations
 
@@ -128,14 +128,12 @@ class NgramHasher:
         hashed = self.hash(windows, context=skip, global_ids=True)
         return {lid: h.reshape(-1, h.shape[-1]) for lid, h in hashed.items()}
 
-    def kernel_args(self, layer_ids: list[int]) -> tuple:
-        """What the native prefetch worker needs for step_rows of `layer_ids`, in that order:
-        engram_kernels.ngram_rows' arguments after the token ids (lookup, pad, multipliers, primes,
-        offsets), then the raw pad id and N - 1 (offload.prefetch.Prefetcher)."""
+    def kernel_args(self, layer_ids: list[int]) -> kernels.HashArgs:
+        """step_rows of `layer_ids`, in that order, as data for the native prefetch worker."""
         order = [self.cfg.layer_ids.index(lid) for lid in layer_ids]
-        return (self._lookup_t, self.compressed_pad_id, torch.from_numpy(self._mult[order]),
-                torch.from_numpy(self._primes[order]), torch.from_numpy(self._offsets[True][order]),
-                self.cfg.pad_id, self.cfg.max_ngram_size - 1)
+        return kernels.HashArgs(self._lookup_t, self.compressed_pad_id, torch.from_numpy(self._mult[order]),
+                                torch.from_numpy(self._primes[order]), torch.from_numpy(self._offsets[True][order]),
+                                self.cfg.pad_id, self.cfg.max_ngram_size - 1)
 
     def _rows(self, shifted: np.ndarray) -> dict[int, np.ndarray]:
         """shifted[k] holds the compressed id k positions back ([N, B, T]) -> {layer: [B, T, heads_total]}."""

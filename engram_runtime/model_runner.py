@@ -1,8 +1,8 @@
-"""ModelRunner: owns the backbone and its KV cache; turns a list of rows into logits.
+"""ModelRunner: owns the backbone and its KV cache; turns a step's chunks into logits.
 
-A row is (cache slot, new token ids, position of the first of them). A step of one
-new token per row goes to the fused decode kernel (DecodeInputs: slots, positions,
-rope rows). Otherwise the runner pads rows to one [B, T] batch, builds positions,
+A chunk is one sequence's part of a step: (cache slot, new token ids, position of the first
+of them). A step of one new token per chunk goes to the fused decode kernel (DecodeInputs:
+slots, positions, rope rows). Otherwise the runner pads chunks to one [B, T] batch, builds positions,
 rope tables and the causal mask over the static cache, and picks the cheapest way
 to read the cache for this batch: a slice when the batch's slots form a (nearly)
 contiguous range, so attention reads K/V in place instead of copying them.
@@ -27,7 +27,9 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 @dataclass
-class Row:
+class Chunk:
+    """One sequence's part of a step: its KV slot, its new tokens and the first one's position."""
+
     slot: int
     token_ids: list[int]
     start_pos: int
@@ -60,24 +62,20 @@ class ModelRunner:
         self.model.setup_cache(num_slots, max_model_len + 1, cache_dtype)
         self.cos, self.sin = rope_tables(config, max_model_len + 1)
 
-    def kv_cache_bytes(self) -> int:
-        a = self.model.layers[0].attention
-        return 2 * a.k_cache.numel() * a.k_cache.element_size() * len(self.model.layers)
-
     def attention_inputs(
-        self, rows: list[Row]
+        self, chunks: list[Chunk]
     ) -> tuple[torch.Tensor, AttentionInputs | DecodeInputs, torch.Tensor]:
-        B = len(rows)
-        if all(len(r.token_ids) == 1 for r in rows) and kernels.enabled():  # fused decode attention
-            positions = torch.tensor([r.start_pos for r in rows])
-            slots = torch.tensor([r.slot for r in rows])
+        B = len(chunks)
+        if all(len(c.token_ids) == 1 for c in chunks) and kernels.enabled():  # fused decode attention
+            positions = torch.tensor([c.start_pos for c in chunks])
+            slots = torch.tensor([c.slot for c in chunks])
             decode = DecodeInputs(slots, positions, self.cos[positions], self.sin[positions])
-            return torch.tensor([r.token_ids for r in rows]), decode, torch.arange(B)
-        lens = torch.tensor([len(r.token_ids) for r in rows])
+            return torch.tensor([c.token_ids for c in chunks]), decode, torch.arange(B)
+        lens = torch.tensor([len(c.token_ids) for c in chunks])
         T = int(lens.max())
-        starts = torch.tensor([r.start_pos for r in rows])
-        slots = torch.tensor([r.slot for r in rows])
-        input_ids = torch.tensor([r.token_ids + [0] * (T - len(r.token_ids)) for r in rows])
+        starts = torch.tensor([c.start_pos for c in chunks])
+        slots = torch.tensor([c.slot for c in chunks])
+        input_ids = torch.tensor([c.token_ids + [0] * (T - len(c.token_ids)) for c in chunks])
         t = torch.arange(T)
         positions = starts[:, None] + t[None, :]
         valid = t[None, :] < lens[:, None]
@@ -111,10 +109,10 @@ class ModelRunner:
         return input_ids, attn, logits_index
 
     @torch.inference_mode()
-    def forward(self, rows: list[Row], engram: EngramHook | None = None, all_logits: bool = False) -> torch.Tensor:
-        """Logits [B, vocab] at each row's last token (or [B, T, vocab] with all_logits), in
+    def forward(self, chunks: list[Chunk], engram: EngramHook | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Logits [B, vocab] at each chunk's last token (or [B, T, vocab] with all_logits), in
         the weights' dtype: the sampler converts only the rows that need float32."""
-        input_ids, attn, logits_index = self.attention_inputs(rows)
+        input_ids, attn, logits_index = self.attention_inputs(chunks)
         if all_logits:
             return self.model(input_ids, attn, None, engram).view(*input_ids.shape, -1)
         return self.model(input_ids, attn, logits_index, engram)

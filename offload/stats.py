@@ -22,6 +22,8 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+import engram_kernels as kernels
+
 # Upper bounds (seconds) of the gather and wait histograms: a gather or a wait is microseconds (row
 # already there) to tens of milliseconds (cold mmap pages). A value equal to a bound counts in its
 # bucket (Prometheus' `le`); the last bucket holds the rest.
@@ -103,11 +105,13 @@ class TableStats:
         with self._lock:
             self._layers[layer_id] = LayerStats(num_rows=num_rows, row_bytes=row_bytes, table_bytes=dict(table_bytes))
 
-    def add_native(self, layer_ids: list[int], counters: NativeCounters) -> None:
-        """Counters the native worker keeps for these layers (in its order); every row it gathers
-        was read from the table's tier (CPU memory, no cache)."""
+    def native_counters(self, layer_ids: list[int]) -> NativeCounters:
+        """New native counters for a native worker over these layers (in its order), read in by
+        every snapshot; every row it gathers was read from the table's tier (CPU memory, no cache)."""
         with self._lock:
+            counters = kernels.native().TableCounters([self._layers[lid].num_rows for lid in layer_ids], list(BUCKETS))
             self._native.append((list(layer_ids), counters))
+        return counters
 
     def record_gather(self, g: Gather) -> None:
         with self._lock:

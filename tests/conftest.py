@@ -37,3 +37,12 @@ def loaded_model(default_gguf_path):
 @pytest.fixture(scope="session")
 def tokenizer(loaded_model):
     return loaded_model.tokenizer
+
+
+@pytest.fixture
+def ckpt_factory(tmp_path):
+    """make_checkpoint(**kw) in a fresh folder of tmp_path per call (tests/small_checkpoint.py)."""
+    from tests.small_checkpoint import make_checkpoint
+
+    counter = iter(range(1000))
+    return lambda **kw: make_checkpoint(tmp_path / f"ckpt{next(counter)}", **kw)

@@ -1,4 +1,4 @@
-"""Small Engram checkpoints made in tmp_path: tables whose values are known exactly."""
+"""Small Engram checkpoints of known table values (the `ckpt_factory` fixture of tests/conftest.py)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from offload.tablefile import write_table
@@ -47,9 +46,3 @@ def make_checkpoint(root: Path, dtype: str = "float32", head_sizes: dict[int, li
     manifest = {"format": "engram-serve/1", "config": {}, "tables": tables}
     (root / "engram.json").write_text(json.dumps(manifest))
     return SmallCheckpoint(root, tables, offsets, values)
-
-
-@pytest.fixture
-def ckpt_factory(tmp_path):
-    counter = iter(range(1000))
-    return lambda **kw: make_checkpoint(tmp_path / f"ckpt{next(counter)}", **kw)

@@ -24,7 +24,7 @@ from engram_runtime.compression import CompressedTokenizer
 from engram_runtime.engram import EngramLayer
 from engram_runtime.hashing import NgramHasher
 from engram_runtime.model import AttentionInputs, Transformer
-from engram_runtime.model_runner import ModelRunner, Row, parse_dtype
+from engram_runtime.model_runner import ModelRunner, Chunk, parse_dtype
 from engram_runtime.weights import load_model
 from offload.dtypes import TableDType, table_dtype
 from offload.tablefile import map_rows, read_header
@@ -50,6 +50,16 @@ def load_backbone(model: str | None, dtype: str = "float32") -> tuple[ModelRunne
     return runner, loaded.tokenizer
 
 
+class _Memory:
+    """The backbone's Engram hook in training: the reference layers over rows gathered up front."""
+
+    def __init__(self, layers: dict[int, EngramLayer], emb: dict[int, torch.Tensor]):
+        self.layers, self.emb, self.layer_ids = layers, emb, frozenset(emb)
+
+    def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.layers[layer_id](hidden.unsqueeze(2), self.emb[layer_id]).squeeze(2)
+
+
 class EngramLM:
     def __init__(self, runner: ModelRunner, tokenizer, ckpt: EngramCheckpoint,
                  tables: dict[int, torch.Tensor], trainable: bool):
@@ -69,7 +79,6 @@ class EngramLM:
         self.tables = tables
         self.specs: dict[int, TableDType] = {lid: table_dtype(ckpt.tables_manifest[str(lid)]["dtype"])
                                              for lid in cfg.layer_ids}
-        self.backbone.set_engram_layers(cfg.layer_ids)
         self.eos_id = mc.eos_token_ids[0] if mc.eos_token_ids else cfg.pad_id
 
     # ---- tokens -------------------------------------------------------------------------------
@@ -104,19 +113,16 @@ class EngramLM:
         chain one step's graph to the next."""
         b, t = ids.shape
         self.backbone.setup_cache(b, t + 1)
-        input_ids, attn, _ = self.runner.attention_inputs([Row(i, row, 0) for i, row in enumerate(ids.tolist())])
+        input_ids, attn, _ = self.runner.attention_inputs([Chunk(i, row, 0) for i, row in enumerate(ids.tolist())])
         return input_ids, attn
 
     def logits(self, ids: torch.Tensor, emb: dict[int, torch.Tensor] | None) -> torch.Tensor:
         """[B, T, vocab] in the backbone's dtype; emb=None runs the backbone alone (the Engram
         layers skipped)."""
         b, t = ids.shape
-
-        def hook(layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
-            return hidden + self.engram[layer_id](hidden.unsqueeze(2), emb[layer_id]).squeeze(2)
-
         input_ids, attn = self._inputs(ids)
-        return self.backbone(input_ids, attn, engram=hook if emb is not None else None).view(b, t, -1)
+        memory = _Memory(self.engram, emb) if emb is not None else None
+        return self.backbone(input_ids, attn, engram=memory).view(b, t, -1)
 
     def loss(self, ids: torch.Tensor, emb: dict[int, torch.Tensor] | None) -> torch.Tensor:
         """Mean next-token cross-entropy (nats) over the batch, in float32 whatever the backbone's

@@ -135,6 +135,7 @@ void attend_any_head_dim(const Dims& d, int64_t rows, const scalar_t* qkv, const
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                             const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
                             const at::Tensor& positions) {
+  check_cpu("decode_attention", {&qkv, &cos, &sin, &k_cache, &v_cache, &slots, &positions});
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "caches must be [slots, kv_heads, len, head_dim]");
   const int64_t S = k_cache.size(0), KV = k_cache.size(1), L = k_cache.size(2), D = k_cache.size(3);
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) == D && qkv.size(1) > 2 * KV, "qkv must be [rows, heads + 2 kv_heads, head_dim]");

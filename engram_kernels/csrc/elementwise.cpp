@@ -36,6 +36,7 @@ at::Tensor checked_out(const at::Tensor& like, at::IntArrayRef sizes, at::Scalar
 }
 
 void check_norm_args(const at::Tensor& x, const at::Tensor& w) {
+  check_cpu("rms_norm", {&x, &w});
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm: x and w must be float32");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "rms_norm: x and w must be contiguous");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.numel(), "rms_norm: w must match x's last dimension");
@@ -80,6 +81,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, at::Sc
 at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps,
                          at::ScalarType dtype) {
   check_norm_args(x, w);
+  check_cpu("add_rms_norm_", {&delta});
   TORCH_CHECK(delta.sizes() == x.sizes() && delta.is_contiguous(), "add_rms_norm_: delta must be contiguous, x's shape");
   if (delta.scalar_type() == at::kFloat) return norm_dispatch(x, delta.data_ptr<float>(), w, eps, dtype);
   TORCH_CHECK(delta.scalar_type() == at::kBFloat16, "add_rms_norm_: delta must be float32 or bfloat16");
@@ -113,6 +115,7 @@ void silu_mul_dispatch(const at::Tensor& gate_up, int64_t rows, int64_t n, at::T
 }  // namespace
 
 at::Tensor silu_and_mul(const at::Tensor& gate_up, at::ScalarType dtype) {
+  check_cpu("silu_and_mul", {&gate_up});
   TORCH_CHECK(gate_up.is_contiguous() && gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
               "silu_and_mul: gate_up must be contiguous with an even last dimension");
   std::vector<int64_t> sizes = gate_up.sizes().vec();

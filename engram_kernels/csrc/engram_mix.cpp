@@ -18,15 +18,14 @@
 namespace engram_kernels {
 
 // hidden [B, hc, D]; memory [B, hc + 1, D] (per branch the projected key, then the value);
-// key_scale [hc, D] (applied to the normalised keys); state [slots, context, hc * D]
-// updated in place at rows `slots` [B];
-// norm_weight [hc, D]; taps [kernel_size, hc * D] with (kernel_size - 1) * dilation == context.
-// Returns (out [B, hc, D], gate [B, hc]).
+// state [slots, context, hc * D] updated in place at rows `slots` [B]; w.key_scale [hc, D]
+// (applied to the normalised keys), w.norm_weight [hc, D], w.taps [kernel_size, hc * D] with
+// (kernel_size - 1) * dilation == context. Returns (out [B, hc, D], gate [B, hc]).
 std::tuple<at::Tensor, at::Tensor> engram_mix(const at::Tensor& hidden, const at::Tensor& memory,
-                                              const at::Tensor& key_scale, const at::Tensor& state,
-                                              const at::Tensor& slots,
-                                              const at::Tensor& norm_weight, const at::Tensor& taps,
-                                              int64_t dilation, double gate_eps, double conv_eps) {
+                                              const at::Tensor& state, const at::Tensor& slots, const MixWeights& w) {
+  const at::Tensor &key_scale = w.key_scale, &norm_weight = w.norm_weight, &taps = w.taps;
+  const int64_t dilation = w.dilation;
+  check_cpu("engram_mix", {&hidden, &memory, &state, &slots, &key_scale, &norm_weight, &taps});
   for (const at::Tensor* t : {&hidden, &memory, &key_scale, &state, &norm_weight, &taps}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat, "engram_mix works on float32 tensors");
     TORCH_CHECK(t->is_contiguous(), "engram_mix needs contiguous tensors");
@@ -49,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> engram_mix(const at::Tensor& hidden, const at
   const float *hp = hidden.data_ptr<float>(), *mp = memory.data_ptr<float>(), *ks = key_scale.data_ptr<float>(),
               *nw = norm_weight.data_ptr<float>(), *tp = taps.data_ptr<float>();
   float *sp = state.data_ptr<float>(), *op = out.data_ptr<float>(), *gp = gate.data_ptr<float>();
-  const float geps = static_cast<float>(gate_eps), ceps = static_cast<float>(conv_eps);
+  const float geps = static_cast<float>(w.gate_eps), ceps = static_cast<float>(w.conv_eps);
 
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> normed(C), y(C);  // the conv's input and output at this position

@@ -80,6 +80,7 @@ void gather_as(const at::Tensor& table, const int64_t* rows, int64_t n, int64_t 
 // e4m3 bytes, then one ue8m0 scale byte per 32 values); rows: int64 ids of any shape.
 // Returns [rows.numel(), head_dim] in out_dtype (float32 or bfloat16), new memory.
 at::Tensor gather_rows(const at::Tensor& table, const at::Tensor& rows, at::ScalarType out_dtype) {
+  check_cpu("gather_rows", {&table, &rows});
   const auto in = table.scalar_type();
   TORCH_CHECK(in == at::kFloat || in == at::kBFloat16 || in == at::kByte, "gather_rows: unsupported table dtype");
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, "gather_rows decodes to float32 or bfloat16");

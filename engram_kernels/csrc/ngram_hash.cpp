@@ -20,6 +20,7 @@ namespace engram_kernels {
 // Returns [L, B, W - skip, (N - 1) * H].
 at::Tensor ngram_rows(const at::Tensor& ids, const at::Tensor& lookup, int64_t pad, const at::Tensor& multipliers,
                       const at::Tensor& primes, const at::Tensor& offsets, int64_t skip) {
+  check_cpu("ngram_rows", {&ids, &lookup, &multipliers, &primes, &offsets});
   for (const at::Tensor* t : {&ids, &lookup, &multipliers, &primes, &offsets}) {
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "ngram_rows works on contiguous int64 tensors");
   }

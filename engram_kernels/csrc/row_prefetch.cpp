@@ -46,13 +46,6 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
-PrefetchTicket::PrefetchTicket(LayerJobs layers, Counters counters, std::vector<at::Tensor> rows)
-    : layers_(std::move(layers)), counters_(std::move(counters)), rows_(std::move(rows)), results_(rows_.size()),
-      errors_(rows_.size()), index_errors_(rows_.size()) {
-  TORCH_CHECK(rows_.size() == layers_->size(), "a step needs row ids for each of the ", layers_->size(),
-              " layers, got ", rows_.size());
-}
-
 PrefetchTicket::PrefetchTicket(LayerJobs layers, Counters counters, std::shared_ptr<const RowHash> hash,
                                std::vector<std::vector<int64_t>> contexts, std::vector<int64_t> new_tokens,
                                std::vector<int64_t> slots)
@@ -60,7 +53,6 @@ PrefetchTicket::PrefetchTicket(LayerJobs layers, Counters counters, std::shared_
       contexts_(std::move(contexts)), new_tokens_(std::move(new_tokens)), slot_ids_(std::move(slots)),
       gates_(layers_->size()), rows_(layers_->size()), results_(layers_->size()), errors_(layers_->size()),
       index_errors_(layers_->size()) {
-  TORCH_CHECK(hash_ != nullptr, "this RowPrefetcher has no hash: submit row ids instead of tokens");
   TORCH_CHECK(!contexts_.empty() && contexts_.size() == new_tokens_.size(), "one new-token count per row");
 }
 
@@ -83,27 +75,19 @@ void PrefetchTicket::hash_rows() {
 
 void PrefetchTicket::run() {
   auto start = std::chrono::steady_clock::now();  // the first layer's time includes the hash
-  if (hash_ != nullptr) {
-    slots_ = at::tensor(slot_ids_, at::kLong);  // here rather than at submit, off the engine thread
-    const auto [error, index_error] = caught([&] { hash_rows(); });
-    if (!error.empty()) {  // no layer has rows: each reports the hash's error
-      for (size_t i = 0; i < rows_.size(); ++i) finish(i, {}, "hashing the step's tokens: " + error, index_error, 0);
-      return;
-    }
+  slots_ = at::tensor(slot_ids_, at::kLong);  // here rather than at submit, off the engine thread
+  const auto [error, index_error] = caught([&] { hash_rows(); });
+  if (!error.empty()) {  // no layer has rows: each reports the hash's error
+    for (size_t i = 0; i < rows_.size(); ++i) finish(i, {}, "hashing the step's tokens: " + error, index_error, 0);
+    return;
   }
   for (size_t i = 0; i < rows_.size(); ++i) {
     const LayerJob& job = (*layers_)[i];
     const at::Tensor& ids = rows_[i];
     at::Tensor out;
     auto [error, index_error] = caught([&] {
-      if (job.weight.has_value()) {
-        TORCH_CHECK(ids.dim() == 2, "rows to project must be [tokens, heads]");
-        const at::Tensor rows = gather_rows(job.table, ids, job.dtype).view({ids.size(0), -1});
-        out = linear_rows(rows, *job.weight, job.bias.value_or(at::Tensor()), /*parallel=*/false);
-      } else {
-        out = gather_rows(job.table, ids, job.dtype);
-      }
-      out = out.view(job.shape);
+      const at::Tensor rows = gather_rows(job.table, ids, job.dtype).view({ids.size(0), -1});
+      out = linear_rows(rows, job.weight, job.bias.value_or(at::Tensor()), /*parallel=*/false).view(job.shape);
     });
     finish(i, std::move(out), std::move(error), index_error, seconds_since(start));
     start = std::chrono::steady_clock::now();
@@ -138,10 +122,9 @@ at::Tensor PrefetchTicket::wait(int64_t i) {
 
 at::Tensor PrefetchTicket::mix(int64_t i, const at::Tensor& hidden) {
   const at::Tensor memory = wait(i);
-  const std::optional<MixJob>& job = (*layers_)[i].mix;
-  TORCH_CHECK(job.has_value() && slots_.defined(), "mix() needs the layer's mix job and the step's slots");
-  auto [out, gate] = engram_mix(hidden, memory, job->key_scale, job->state, slots_, job->norm_weight, job->taps,
-                                job->dilation, job->gate_eps, job->conv_eps);
+  const LayerJob& job = (*layers_)[i];
+  TORCH_CHECK(job.mix.has_value() && slots_.defined(), "mix() needs the layer's mix weights and the step's slots");
+  auto [out, gate] = engram_mix(hidden, memory, job.state, slots_, *job.mix);
   gates_[i] = std::move(gate);  // the engine thread's alone: wait() is what the worker shares
   // the residual add as a loop here rather than a torch op in Python (engram_mix has checked
   // that hidden is contiguous float32, the shape of out)
@@ -172,22 +155,17 @@ std::vector<std::vector<double>> PrefetchTicket::gate_means() {
   return out;
 }
 
-RowPrefetcher::RowPrefetcher(std::vector<LayerJob> layers, std::optional<RowHash> hash, Counters counters)
+RowPrefetcher::RowPrefetcher(std::vector<LayerJob> layers, RowHash hash, Counters counters)
     : layers_(std::make_shared<const std::vector<LayerJob>>(std::move(layers))),
-      hash_(hash ? std::make_shared<const RowHash>(std::move(*hash)) : nullptr),
+      hash_(std::make_shared<const RowHash>(std::move(hash))),
       counters_(std::move(counters)) {
   TORCH_CHECK(counters_ != nullptr && counters_->size() == layers_->size(), "the worker needs counters for its ",
               layers_->size(), " layers");
+  for (const LayerJob& job : *layers_) check_cpu("RowPrefetcher", {&job.table, &job.weight, &job.state});
   worker_ = std::thread([this] { loop(); });
 }
 
 RowPrefetcher::~RowPrefetcher() { close(); }
-
-std::shared_ptr<PrefetchTicket> RowPrefetcher::submit(std::vector<at::Tensor> rows) {
-  auto ticket = std::make_shared<PrefetchTicket>(layers_, counters_, std::move(rows));
-  enqueue(ticket);
-  return ticket;
-}
 
 std::shared_ptr<PrefetchTicket> RowPrefetcher::submit_tokens(std::vector<std::vector<int64_t>> contexts,
                                                              std::vector<int64_t> new_tokens,

@@ -14,33 +14,29 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels.h"
 #include "table_counters.h"
 
 namespace engram_kernels {
 
-// A decode step's half of the Engram layer that needs the hidden state (engram_mix), as a
-// ticket's mix() runs it: the layer's conv state (updated in place) and weights.
-struct MixJob {
-  at::Tensor state, key_scale, norm_weight, taps;
-  int64_t dilation;
-  double gate_eps, conv_eps;
-};
-
 // What the worker does with one layer's rows, fixed for the worker's life: gather them from
-// `table` (gather_rows), then, if `weight` is given, project them (flattened per token)
-// @ weight.T + bias; the result is viewed as `shape`. `mix`, if given, is what mix() does with it.
+// `table` (gather_rows), then project them (flattened per token) @ weight.T + bias; the
+// result is viewed as `shape`. With `mix`, a ticket's mix() runs
+// engram_mix on the result with these weights and the layer's conv state `state` (updated in
+// place). engram_kernels.LayerJob on the Python side; module.cpp converts it.
 struct LayerJob {
-  at::Tensor table;
-  std::optional<at::Tensor> weight, bias;
+  at::Tensor table, weight;
+  std::optional<at::Tensor> bias;
   std::vector<int64_t> shape;
   at::ScalarType dtype;  // the rows are decoded into it (then projected in float32)
-  std::optional<MixJob> mix;
+  at::Tensor state;
+  std::optional<MixWeights> mix;
 };
 using LayerJobs = std::shared_ptr<const std::vector<LayerJob>>;
 
-// NgramHasher.step_rows as data (NgramHasher.kernel_args): ngram_rows' arguments, layers in
-// the jobs' order, offsets included (global row ids), then the raw pad id and N - 1. A step
-// handed over as token ids is hashed on the worker.
+// NgramHasher.step_rows as data (NgramHasher.kernel_args, an engram_kernels.HashArgs):
+// ngram_rows' arguments, layers in the jobs' order, offsets included (global row ids), then
+// the raw pad id and N - 1. A step handed over as token ids is hashed on the worker.
 struct RowHash {
   at::Tensor lookup;
   int64_t pad;
@@ -50,12 +46,11 @@ struct RowHash {
 
 using Counters = std::shared_ptr<TableCounters>;
 
-// One engine step: per layer, in order, the row ids its job runs on (given, or hashed first
-// from the step's token ids); wait(i) blocks until layer i is done. The worker's time per
-// layer and each wait go to the worker's TableCounters.
+// One engine step, handed over as token ids: hashed into each layer's row ids, then per layer,
+// in order, its job; wait(i) blocks until layer i is done. The worker's time per layer and
+// each wait go to the worker's TableCounters.
 class PrefetchTicket {
  public:
-  PrefetchTicket(LayerJobs layers, Counters counters, std::vector<at::Tensor> rows);
   // contexts[b]: row b's new_tokens[b] new tokens after up to hash.skip before them (as
   // NgramHasher.step_rows); slots: the rows' conv state rows, for mix()
   PrefetchTicket(LayerJobs layers, Counters counters, std::shared_ptr<const RowHash> hash,
@@ -94,11 +89,9 @@ class RowPrefetcher {
  public:
   // counters: where the tickets' statistics go (they outlive a worker: Python makes a new
   // one when the weights change)
-  RowPrefetcher(std::vector<LayerJob> layers, std::optional<RowHash> hash, Counters counters);
+  RowPrefetcher(std::vector<LayerJob> layers, RowHash hash, Counters counters);
   ~RowPrefetcher();
-  // rows[i]: int64 row ids for layer i, [tokens, heads] (a projected layer needs two dimensions)
-  std::shared_ptr<PrefetchTicket> submit(std::vector<at::Tensor> rows);
-  // a step as token ids, hashed on the worker (needs the constructor's hash); as the ticket's
+  // a step as token ids, hashed on the worker; as the ticket's
   std::shared_ptr<PrefetchTicket> submit_tokens(std::vector<std::vector<int64_t>> contexts,
                                                 std::vector<int64_t> new_tokens, std::vector<int64_t> slots);
   void close();  // runs what is queued, then stops the thread

@@ -89,6 +89,7 @@ void dispatch_bias(const float* x, const w_t* w, const at::Tensor& bias, int64_t
 // x [M, K] float32 or bfloat16; weight [O, K] float32 or bfloat16; bias [O] of either
 // dtype or undefined -> float32 [M, O]; on torch's intra-op threads if `parallel`.
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool parallel) {
+  check_cpu("small_linear", {&x, &weight, &bias});
   for (const at::Tensor* t : {&x, &weight, &bias}) {
     if (!t->defined()) continue;
     TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16,

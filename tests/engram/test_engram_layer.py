@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from engram_runtime.engram import EngramLayer
 from engram_runtime.engram_config import EngramConfig
+from engram_runtime.engram_step import ServingWeights
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "engram_forward.safetensors"
 
@@ -160,13 +161,12 @@ def test_config_round_trip_and_validation():
 
 
 @torch.no_grad()
-def test_prepared_layer_fuses_projections_with_the_same_output(golden):
-    """prepare_for_inference packs key and value projections into one matmul: float32 gives the
-    reference output, bfloat16 (the backbone's dtype when it runs in bfloat16) stays close."""
+def test_serving_weights_fuse_projections_with_the_same_output(golden):
+    """Serving fuses key and value projections into one matmul in the backbone's dtype and keeps
+    the mix weights: float32 gives the reference output, bfloat16 stays close."""
     layer, hidden, emb, expected = golden
-    layer.prepare_for_inference(torch.float32)
-    assert (layer(hidden, emb) - expected).abs().max().item() <= 1e-5
-    layer.prepare_for_inference(torch.bfloat16)
-    assert layer.fused_proj.weight.dtype == torch.bfloat16
-    assert (layer(hidden, emb) - expected).abs().max().item() <= 0.02 * expected.abs().max().item()  # 1.1% measured
-    layer.fused_proj = layer.key_scale = layer.short_conv.frozen = None  # the module-scoped fixture is shared
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 0.02 * expected.abs().max().item())):
+        weights = ServingWeights.of(layer, dtype)
+        assert weights.projection.weight.dtype == dtype
+        memory = weights.project(emb.flatten(0, 1)).unflatten(0, emb.shape[:2])
+        assert (layer.mix(hidden, memory, weights=weights.mix) - expected).abs().max().item() <= tolerance

@@ -10,10 +10,10 @@ import torch
 
 from engram_runtime.checkpoint import default_config, init_checkpoint, load_checkpoint
 from engram_runtime.compression import CompressedTokenizer
-from engram_runtime.engram_state import EngramRuntime
+from engram_runtime.engram_runner import EngramRunner
 from engram_runtime.hashing import NgramHasher
-from engram_runtime.model_runner import ModelRunner, Row
-from offload.convert import convert_checkpoint
+from engram_runtime.model_runner import ModelRunner, Chunk
+from engram_runtime.checkpoint_convert import convert_checkpoint
 from offload.store import TableSet
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon a time there"]
@@ -55,7 +55,8 @@ def greedy(model, dtype, placement, prefetch, cache_rows=0, joins=(0, 0, 0), new
     ckpt = load_checkpoint(model["root"] / dtype)
     tables = TableSet.open(ckpt.path, ckpt.tables_manifest, placement=placement, cache_rows=cache_rows,
                            progress=False)
-    runtime = EngramRuntime(model["layers"], model["hasher"], tables, ckpt.head_offsets, model["runner"], prefetch)
+    runner = model["runner"]
+    engram = EngramRunner(model["layers"], model["hasher"], tables, runner.num_slots, runner.dtype, prefetch)
     seqs = [i for i in range(len(model["prompts"])) if only is None or i in only]
     ids = {i: list(model["prompts"][i]) for i in seqs}
     out = {i: ([], []) for i in seqs}
@@ -63,10 +64,10 @@ def greedy(model, dtype, placement, prefetch, cache_rows=0, joins=(0, 0, 0), new
     try:
         while any(len(out[i][0]) < new_tokens[i] for i in seqs):
             live = [i for i in seqs if joins[i] <= step and len(out[i][0]) < new_tokens[i]]
-            rows = [Row(i, ids[i], 0) if not out[i][0] else Row(i, ids[i][-1:], len(ids[i]) - 1) for i in live]
-            if rows:
+            chunks = [Chunk(i, ids[i], 0) if not out[i][0] else Chunk(i, ids[i][-1:], len(ids[i]) - 1) for i in live]
+            if chunks:
                 with torch.no_grad():
-                    logits = model["runner"].forward(rows, runtime.step_hook([ids[i] for i in live], rows))
+                    logits = runner.forward(chunks, engram.submit(chunks, [ids[i] for i in live]))
                 for b, i in enumerate(live):
                     token = int(logits[b].argmax())
                     out[i][0].append(token)
@@ -74,7 +75,7 @@ def greedy(model, dtype, placement, prefetch, cache_rows=0, joins=(0, 0, 0), new
                     ids[i].append(token)
             step += 1
     finally:
-        runtime.close()
+        engram.close()
     return out
 
 

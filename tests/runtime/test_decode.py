@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from engram_runtime.llm import LLM
-from engram_runtime.model_runner import ModelRunner, Row
+from engram_runtime.model_runner import ModelRunner, Chunk
 from engram_runtime.sampling import SamplingParams
 
 
 def test_token_by_token_equals_full_forward(runner, prompt_ids):
     ids = prompt_ids[3][:24]
-    full = runner.forward([Row(1, ids, 0)], all_logits=True)[0]
-    steps = [runner.forward([Row(2, ids[:5], 0)], all_logits=True)[0]]
-    steps += [runner.forward([Row(2, [t], i)]) for i, t in enumerate(ids[5:], start=5)]
+    full = runner.forward([Chunk(1, ids, 0)], all_logits=True)[0]
+    steps = [runner.forward([Chunk(2, ids[:5], 0)], all_logits=True)[0]]
+    steps += [runner.forward([Chunk(2, [t], i)]) for i, t in enumerate(ids[5:], start=5)]
     inc = torch.cat(steps)
     assert (inc - full).abs().max().item() <= 1e-4
 
@@ -21,10 +21,10 @@ def test_token_by_token_equals_full_forward(runner, prompt_ids):
 def test_padded_batch_rows_equal_single_rows(runner, prompt_ids):
     """One padded forward over rows of different lengths, slots and start positions."""
     a, b = prompt_ids[3][:20], prompt_ids[2][:9]
-    runner.forward([Row(3, a[:12], 0)])  # slot 3 already holds a prefix of `a`
-    batch = runner.forward([Row(3, a[12:], 12), Row(0, b, 0)])
-    alone_a = runner.forward([Row(1, a, 0)])
-    alone_b = runner.forward([Row(2, b, 0)])
+    runner.forward([Chunk(3, a[:12], 0)])  # slot 3 already holds a prefix of `a`
+    batch = runner.forward([Chunk(3, a[12:], 12), Chunk(0, b, 0)])
+    alone_a = runner.forward([Chunk(1, a, 0)])
+    alone_b = runner.forward([Chunk(2, b, 0)])
     assert (batch[0] - alone_a[0]).abs().max().item() <= 1e-4
     assert (batch[1] - alone_b[0]).abs().max().item() <= 1e-4
 
@@ -33,9 +33,9 @@ def test_scattered_slots_read_by_gather(loaded_model, runner, prompt_ids):
     """Slots far apart (range > 2x batch) take the gather path; same logits."""
     wide = ModelRunner(loaded_model.config, loaded_model.state_dict, torch.float32, 8, 64)
     a, b = prompt_ids[1], prompt_ids[2][:10]
-    got = wide.forward([Row(7, a, 0), Row(0, b, 0)])
-    assert (got[0] - runner.forward([Row(0, a, 0)])[0]).abs().max().item() <= 1e-4
-    assert (got[1] - runner.forward([Row(0, b, 0)])[0]).abs().max().item() <= 1e-4
+    got = wide.forward([Chunk(7, a, 0), Chunk(0, b, 0)])
+    assert (got[0] - runner.forward([Chunk(0, a, 0)])[0]).abs().max().item() <= 1e-4
+    assert (got[1] - runner.forward([Chunk(0, b, 0)])[0]).abs().max().item() <= 1e-4
 
 
 def test_batch_of_different_lengths_decodes_as_each_alone(llm, prompt_ids):
@@ -55,8 +55,8 @@ def test_chunked_prefill_and_tiny_batches_give_same_output(loaded_model, llm, pr
 def test_bfloat16_close_to_float32(loaded_model, runner, prompt_ids):
     bf = ModelRunner(loaded_model.config, loaded_model.state_dict, torch.bfloat16, 2, 128)
     for ids in prompt_ids:
-        ref = runner.forward([Row(0, ids, 0)])[0]
-        got = bf.forward([Row(0, ids, 0)])[0].float()
+        ref = runner.forward([Chunk(0, ids, 0)])[0]
+        got = bf.forward([Chunk(0, ids, 0)])[0].float()
         # bf16 keeps ~3 significant digits: compare the log-probabilities of the likely tokens
         top = ref.topk(20).indices
         diff = got.log_softmax(-1)[top] - ref.log_softmax(-1)[top]

@@ -9,7 +9,7 @@ import engram_kernels as kernels
 from engram_runtime.checkpoint import default_config, init_checkpoint
 from engram_runtime.engine import EngineConfig, LLMEngine
 from engram_runtime.llm import LLM
-from engram_runtime.model_runner import Row
+from engram_runtime.model_runner import Chunk
 from engram_runtime.sampling import SamplingParams
 
 
@@ -32,14 +32,14 @@ def engine(engram_dir, loaded_model):
 
 
 def logits(engine, ids_per_row, rows, all_logits=False):
-    return engine.runner.forward(rows, engine.engram.step_hook(ids_per_row, rows), all_logits=all_logits)
+    return engine.runner.forward(rows, engine.engram.submit(rows, ids_per_row), all_logits=all_logits)
 
 
 def test_fresh_checkpoint_gives_backbone_logits(engine, runner, prompt_ids):
     assert engine.engram_layer_ids == [1, 15]
     for ids in prompt_ids:
-        with_memory = logits(engine, [ids], [Row(0, ids, 0)], all_logits=True)
-        backbone = runner.forward([Row(0, ids, 0)], all_logits=True)
+        with_memory = logits(engine, [ids], [Chunk(0, ids, 0)], all_logits=True)
+        backbone = runner.forward([Chunk(0, ids, 0)], all_logits=True)
         assert (with_memory - backbone).abs().max().item() <= 1e-6
 
 
@@ -56,23 +56,23 @@ def random_values(engine):
 def test_random_values_full_incremental_and_batched_agree(random_values, runner, prompt_ids):
     engine = random_values
     a, b = prompt_ids[3][:30], prompt_ids[2][:13]
-    full_a = logits(engine, [a], [Row(0, a, 0)], all_logits=True)[0]
-    backbone = runner.forward([Row(0, a, 0)], all_logits=True)[0]
+    full_a = logits(engine, [a], [Chunk(0, a, 0)], all_logits=True)[0]
+    backbone = runner.forward([Chunk(0, a, 0)], all_logits=True)[0]
     assert (full_a - backbone).abs().max().item() > 0.1  # the memory is really in the residual
 
     # prefill 6 tokens, then one token at a time
-    inc = [logits(engine, [a], [Row(1, a[:6], 0)], all_logits=True)[0]]
-    inc += [logits(engine, [a], [Row(1, [t], i)]) for i, t in enumerate(a[6:], start=6)]
+    inc = [logits(engine, [a], [Chunk(1, a[:6], 0)], all_logits=True)[0]]
+    inc += [logits(engine, [a], [Chunk(1, [t], i)]) for i, t in enumerate(a[6:], start=6)]
     assert (torch.cat(inc) - full_a).abs().max().item() <= 1e-4
 
     # a right-padded batch (prefill of b beside a chunk of a), then decoding both together
-    logits(engine, [a], [Row(2, a[:10], 0)])
-    mixed = logits(engine, [a, b], [Row(2, a[10:20], 10), Row(3, b[:7], 0)])
+    logits(engine, [a], [Chunk(2, a[:10], 0)])
+    mixed = logits(engine, [a, b], [Chunk(2, a[10:20], 10), Chunk(3, b[:7], 0)])
     assert (mixed[0] - full_a[19]).abs().max().item() <= 1e-4
-    full_b = logits(engine, [b], [Row(0, b, 0)], all_logits=True)[0]
+    full_b = logits(engine, [b], [Chunk(0, b, 0)], all_logits=True)[0]
     assert (mixed[1] - full_b[6]).abs().max().item() <= 1e-4
     for i in range(6):
-        step = logits(engine, [a, b], [Row(2, [a[20 + i]], 20 + i), Row(3, [b[7 + i]], 7 + i)])
+        step = logits(engine, [a, b], [Chunk(2, [a[20 + i]], 20 + i), Chunk(3, [b[7 + i]], 7 + i)])
         assert (step[0] - full_a[20 + i]).abs().max().item() <= 1e-4
         assert (step[1] - full_b[7 + i]).abs().max().item() <= 1e-4
 
@@ -86,9 +86,9 @@ def test_decode_steps_on_the_kernels_equal_the_torch_path(random_values, prompt_
     for native in (True, False):
         if not native:
             monkeypatch.setattr(kernels, "available", lambda: False)
-        logits(engine, [a, b], [Row(2, a[:7], 0), Row(3, b[:4], 0)])  # fresh conv states
-        rows = [Row(2, [a[7]], 7), Row(3, [b[4]], 4)]
-        hook = engine.engram.step_hook([a, b], rows)
+        logits(engine, [a, b], [Chunk(2, a[:7], 0), Chunk(3, b[:4], 0)])  # fresh conv states
+        rows = [Chunk(2, [a[7]], 7), Chunk(3, [b[4]], 4)]
+        hook = engine.engram.submit(rows, [a, b])
         runs.append((engine.runner.forward(rows, hook), [hook.gates(0), hook.gates(1)]))
     (got, got_gates), (want, want_gates) = runs
     assert (got - want).abs().max().item() <= 1e-4

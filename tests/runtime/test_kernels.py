@@ -9,7 +9,7 @@ import engram_kernels as kernels
 from engram_runtime.engram import EngramLayer
 from engram_runtime.engram_config import EngramConfig
 from engram_runtime.model import AttentionInputs, DecodeInputs, apply_rope, decode_attention
-from engram_runtime.model_runner import Row
+from engram_runtime.model_runner import Chunk
 
 H, KV, D, SLOTS, LEN = 9, 3, 64, 6, 40
 
@@ -98,8 +98,8 @@ def test_model_decodes_the_same_logits_with_and_without_kernels(runner, prompt_i
     """Kernels on, then off as a user switches them off (ENGRAM_SERVE_NATIVE=0): the same
     prefill and decode step of two sequences give the same logits."""
     a, b = prompt_ids[3][:20], prompt_ids[1]
-    prefill = [Row(1, a[:-1], 0), Row(3, b[:-1], 0)]
-    decode = [Row(1, a[-1:], len(a) - 1), Row(3, b[-1:], len(b) - 1)]
+    prefill = [Chunk(1, a[:-1], 0), Chunk(3, b[:-1], 0)]
+    decode = [Chunk(1, a[-1:], len(a) - 1), Chunk(3, b[-1:], len(b) - 1)]
     logits = []
     for switch, inputs in (("1", DecodeInputs), ("0", AttentionInputs)):
         monkeypatch.setenv("ENGRAM_SERVE_NATIVE", switch)
@@ -112,9 +112,9 @@ def test_model_decodes_the_same_logits_with_and_without_kernels(runner, prompt_i
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4
 
 
-def test_engram_mix_kernel_matches_torch(monkeypatch):
-    """Decode steps of an Engram layer with two branches through the kernel and through torch:
-    the same outputs, gates and per-slot conv store."""
+def test_engram_mix_kernel_matches_torch():
+    """Decode steps of an Engram layer with two branches through the kernel and through
+    EngramLayer.mix: the same outputs, gates and per-slot conv store."""
     cfg = EngramConfig(engram_vocab_size=[11, 11], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1],
                        hc_mult=2)
     torch.manual_seed(3)
@@ -126,16 +126,34 @@ def test_engram_mix_kernel_matches_torch(monkeypatch):
     with torch.no_grad():
         memory = layer.memory(torch.randn(3, 5, cfg.heads_total, cfg.head_dim))
         start = torch.randn(6, cfg.conv_state_len, 2 * 24)
+        weights = layer.mix_weights()
         runs = []
-        for switch in ("1", "0"):
-            monkeypatch.setenv("ENGRAM_SERVE_NATIVE", switch)
-            kernels.native.cache_clear()
+        for native in (True, False):
             store = start.clone()
             outs, gates = [], []
             for t in range(5):
-                outs.append(layer.mix(hidden[:, t : t + 1], memory[:, t : t + 1], store, slots=slots))
-                gates.append(layer.last_gate)
+                if native:
+                    out, gate = kernels.engram_mix(hidden[:, t].contiguous(), memory[:, t].contiguous(), store, slots,
+                                                   weights)
+                    outs.append(out[:, None])
+                    gates.append(gate[:, None])
+                else:
+                    outs.append(layer.mix(hidden[:, t : t + 1], memory[:, t : t + 1], store, slots=slots))
+                    gates.append(layer.last_gate)
             runs.append((torch.cat(outs, 1), torch.cat(gates, 1), store))
-    kernels.native.cache_clear()
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_native_kernels_refuse_tensors_off_the_cpu():
+    """A tensor that is not on the CPU never reaches a native loop over host pointers: the
+    kernel names itself and the device (a meta tensor stands in for a CUDA one here), and the
+    dispatching wrappers take the torch ops for it."""
+    x = torch.zeros(2, 8, device="meta")
+    with pytest.raises(RuntimeError, match="rms_norm is a CPU kernel, got a tensor on meta"):
+        kernels.native().rms_norm(x, torch.ones(8), 1e-6, torch.float32)
+    with pytest.raises(RuntimeError, match="gather_rows is a CPU kernel"):
+        kernels.gather_rows(torch.zeros(4, 8), torch.zeros(2, dtype=torch.long, device="meta"), torch.float32)
+    with torch.no_grad():
+        assert not kernels.enabled(x) and kernels.enabled(torch.zeros(1))
+        assert kernels.rms_norm(x, torch.ones(8, device="meta"), 1e-6, torch.bfloat16).dtype == torch.bfloat16

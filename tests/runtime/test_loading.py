@@ -9,7 +9,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from engram_runtime.engine import EngineConfig, LLMEngine
-from engram_runtime.model_runner import ModelRunner, Row
+from engram_runtime.model_runner import ModelRunner, Chunk
 from engram_runtime.weights import ModelLoadError, load_model, load_weights
 
 
@@ -84,7 +84,7 @@ def test_hf_directory_matches_transformers(tiny_hf_dir):
     ids = [5, 17, 300, 42, 7, 7, 1000]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
-    got = runner.forward([Row(0, ids, 0)], all_logits=True)[0]
+    got = runner.forward([Chunk(0, ids, 0)], all_logits=True)[0]
     assert (got - ref).abs().max().item() <= 1e-4
     assert loaded.tokenizer("hello").input_ids
 

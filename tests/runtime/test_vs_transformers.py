@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engram_runtime.model_runner import Row
+from engram_runtime.model_runner import Chunk
 from engram_runtime.sampling import SamplingParams
 
 
@@ -12,7 +12,7 @@ def test_logits_match_transformers(hf_model, runner, prompt_ids):
     for ids in prompt_ids:
         with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits[0]
-        mine = runner.forward([Row(0, ids, 0)], all_logits=True)[0]
+        mine = runner.forward([Chunk(0, ids, 0)], all_logits=True)[0]
         assert mine.shape == ref.shape
         assert (mine - ref).abs().max().item() <= 1e-3, len(ids)
 
