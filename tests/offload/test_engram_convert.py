@@ -1,6 +1,5 @@
 """engram-convert: rewrite tables in another dtype, update the manifest, report the error."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -16,17 +15,11 @@ BACKBONE = {"name": "tiny", "hidden_size": 32, "num_hidden_layers": 16, "vocab_s
 CFG = EngramConfig(engram_vocab_size=[101, 103], n_embed_per_ngram=128, n_head_per_ngram=2, layer_ids=[1, 15])
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "engram"
-    init_checkpoint(path, CFG, BACKBONE, dtype="float32", progress=False)
-    return path
-
-
 @pytest.fixture
-def ckpt(pristine, tmp_path):
-    """A private float32 checkpoint each test may convert or damage."""
-    return shutil.copytree(pristine, tmp_path / "engram")
+def ckpt(tmp_path):
+    """A fresh float32 checkpoint (engram-init's tables) each test may convert or damage."""
+    init_checkpoint(tmp_path / "engram", CFG, BACKBONE, dtype="float32", progress=False)
+    return tmp_path / "engram"
 
 
 def test_convert_to_fp8_and_back(ckpt, capsys):
