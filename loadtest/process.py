@@ -131,12 +131,6 @@ class ServerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait()
 
-    def kill(self) -> None:
-        """Hard kill (SIGKILL) of the group, as a crash would; for tests of failure handling."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
     def __enter__(self) -> "ServerProcess":
         return self.start()
 

@@ -3,6 +3,7 @@ deterministic checks of the runner, schedule, failure handling and compare's out
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -78,7 +79,7 @@ def test_max_concurrency_bounds_requests_in_flight(fake_server):
 def _kill_after_first_request(srv: ServerProcess, tokens: int) -> None:
     while _server_tokens(srv.base_url)[1] < tokens:
         time.sleep(0.02)
-    srv.kill()
+    srv.signal(signal.SIGKILL)  # a crash
 
 
 def test_killed_server_counts_failures_not_a_crash(tmp_path, fake_cmd):

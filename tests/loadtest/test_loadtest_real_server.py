@@ -4,6 +4,7 @@ a busy one).  The kill test is last: it ends the module's shared server."""
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 
@@ -91,7 +92,7 @@ def test_killed_server_counted_as_failures(real_server):
                 pass
             time.sleep(0.05)
         time.sleep(0.5)
-        real_server.kill()
+        real_server.signal(signal.SIGKILL)  # a crash
 
     threading.Thread(target=kill_when_streaming, daemon=True).start()
     res = run(RunConfig(base_url=real_server.base_url, max_concurrency=2, progress=False,
