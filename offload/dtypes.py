@@ -46,6 +46,10 @@ class TableDType:
             return head_dim + head_dim // FP8_BLOCK
         return head_dim
 
+    def head_dim(self, raw_row_elems: int) -> int:
+        """Values per row of a raw row of raw_row_elems elements (raw_row_elems' inverse)."""
+        return raw_row_elems * FP8_BLOCK // (FP8_BLOCK + 1) if self.name == "fp8_e4m3" else raw_row_elems
+
     def row_bytes(self, head_dim: int) -> int:
         return self.raw_row_elems(head_dim) * self.numpy_raw.itemsize
 

@@ -100,6 +100,7 @@ class TableStats:
         self._lock = threading.Lock()
         self._layers: dict[int, LayerStats] = {}
         self._native: list[tuple[list[int], NativeCounters]] = []
+        self._device_bitmaps: list[tuple[int, "torch.Tensor"]] = []
 
     def add_layer(self, layer_id: int, num_rows: int, row_bytes: int, table_bytes: dict[str, int]) -> None:
         with self._lock:
@@ -112,6 +113,12 @@ class TableStats:
             counters = kernels.native().TableCounters([self._layers[lid].num_rows for lid in layer_ids], list(BUCKETS))
             self._native.append((list(layer_ids), counters))
         return counters
+
+    def add_device_bitmap(self, layer_id: int, touched) -> None:
+        """A bool tensor [num_rows] on the compute device (a GPU gather marks its rows there, not
+        on the host), read in by every snapshot: the one copy to the host is at scrape time."""
+        with self._lock:
+            self._device_bitmaps.append((layer_id, touched))
 
     def record_gather(self, g: Gather) -> None:
         with self._lock:
@@ -136,6 +143,7 @@ class TableStats:
         for layers, counters in self._native:
             for layer, figures in zip(layers, counters.read()):
                 native.setdefault(layer, []).append(figures)
+        on_device = {lid: np.packbits(touched.cpu().numpy(), bitorder="little") for lid, touched in self._device_bitmaps}
         with self._lock:
             out = {}
             for layer_id, s in self._layers.items():
@@ -146,6 +154,8 @@ class TableStats:
                     lookups, rows_gathered = lookups + rows, rows_gathered + rows
                     gather, wait = gather.plus(g_counts, g_seconds), wait.plus(w_counts, w_seconds)
                     touched = touched | bits.numpy()
+                if layer_id in on_device:
+                    touched = touched | on_device[layer_id]
                 rows_touched = int(np.bitwise_count(touched).sum())
                 out[layer_id] = {
                     "num_rows": s.num_rows,

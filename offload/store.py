@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 import engram_kernels as kernels
 from offload.cache import CacheConfig, RowCache
-from offload.device import ComputeDevice, as_numpy, put_rows, take_rows
+from offload.device import ComputeDevice, DeviceError, as_numpy, put_rows, take_rows
+from offload.dtypes import table_dtype
 from offload.stats import Gather, TableStats
 from offload.tablefile import TableFileError, TableHeader, check_table, map_rows, read_header
 
@@ -49,9 +50,12 @@ class EngramTable:
 
     def __init__(self, layer_id: int, header: TableHeader, placement: str, device: ComputeDevice,
                  compute_dtype: torch.dtype, stats: TableStats, cache: CacheConfig | None = None,
-                 progress: bool = True):
+                 progress: bool = True, rows: torch.Tensor | None = None):
+        """rows: the raw rows already in memory (TableSet.from_tensors), instead of the header's file."""
         if placement not in PLACEMENTS:
             raise ValueError(f"unknown table placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        if rows is not None and placement == "mmap":
+            raise ValueError("an in-memory table cannot be mapped from a file (placement mmap)")
         self.layer_id, self.header, self.placement = layer_id, header, placement
         self.device, self.compute_dtype, self.stats = device, compute_dtype, stats
         self.num_rows, self.head_dim, self.dtype = header.num_rows, header.head_dim, header.dtype
@@ -60,6 +64,7 @@ class EngramTable:
         self._staging_events = [None] * _STAGING_SLOTS
         self._next_slot = 0
         self._fd: int | None = None
+        self._view: tuple[torch.Tensor, object] | None = None  # device_rows(), made on first use
         if placement == "mmap":
             self._rows_np = map_rows(header)
             self._rows_np._mmap.madvise(mmap.MADV_RANDOM)
@@ -67,7 +72,7 @@ class EngramTable:
             self._readers = ThreadPoolExecutor(_MMAP_READ_THREADS, thread_name_prefix=f"engram-mmap-{layer_id}")
             self._tier = None
         else:
-            self._tier = self._load(progress)
+            self._tier = self._load(progress) if rows is None else rows
         self.cache = self._make_cache(cache)
         # gathered by one native call (and by the native prefetch worker): CPU memory, no cache
         self.native = (self._tier is not None and not device.is_cuda and self.cache is None
@@ -93,7 +98,7 @@ class EngramTable:
         shape = (self.num_rows, self.header.raw_row_elems)
         on_device = self.placement == "device" and self.device.is_cuda
         dst = self.device.alloc(shape, self.dtype.torch_raw) if on_device else \
-            self.device.alloc_host(shape, self.dtype.torch_raw)
+            self.device.alloc_host(shape, self.dtype.torch_raw, f"table {self.header.path}")
         rows_per_chunk = max(1, _LOAD_CHUNK // self.header.row_bytes)
         bounce = self.device.alloc_host((rows_per_chunk, shape[1]), self.dtype.torch_raw) if on_device else None
         path = self.header.path
@@ -120,6 +125,18 @@ class EngramTable:
     def resident(self) -> torch.Tensor | None:
         """The raw rows held in memory (device/host placements); None for mmap."""
         return self._tier
+
+    def device_rows(self) -> torch.Tensor | None:
+        """The raw rows as a gather kernel on the compute device reads them: the table itself when
+        it lives there, a zero-copy UVA view of the page-locked host table on CUDA; None for mmap,
+        whose rows go through staging."""
+        if self._tier is None:
+            return None
+        if self._tier.device == self.device.torch_device:
+            return self._tier
+        if self._view is None:
+            self._view = self.device.host_view(self._tier, f"table {self.header.path}")
+        return self._view[0]
 
     def _check_file(self) -> None:
         """mmap tier: fail clearly if the mapped file vanished or shrank (touching it would SIGBUS)."""
@@ -246,10 +263,21 @@ class EngramTable:
         return slot, self.dtype.decode(take_rows(raw, inverse), self.compute_dtype), hits, unique, missed
 
     def close(self) -> None:
+        if self._view is not None:
+            self._view[1]()
+            self._view = None
         if self._fd is not None:
             self._readers.shutdown()
             os.close(self._fd)
             self._fd = None
+
+
+def check_room(need: int, free: int, total: int, device: torch.device) -> None:
+    """Refuse, before loading, a device placement of tables that do not fit the device's memory."""
+    if need > free:
+        raise DeviceError(f"the Engram tables need {need / 2**30:.2f} GiB on {device}, but only {free / 2**30:.2f} "
+                          f"of its {total / 2**30:.2f} GiB are free; use --table-placement host (pinned host memory, "
+                          "read over PCIe) or mmap")
 
 
 class TableSet:
@@ -267,6 +295,9 @@ class TableSet:
         if placement not in PLACEMENTS:
             raise ValueError(f"unknown table placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
         compute_device = device if isinstance(device, ComputeDevice) else ComputeDevice(device, pin_memory)
+        if placement == "device" and compute_device.cuda_primitives:
+            need = sum(read_header(Path(ckpt_dir) / e["file"]).file_nbytes for e in tables_manifest.values())
+            check_room(need, *compute_device.memory(), compute_device.torch_device)
         stats = TableStats()
         cache = CacheConfig(rows=cache_rows, bytes=cache_bytes, policy=cache_policy)
         tables: dict[int, EngramTable] = {}
@@ -275,6 +306,23 @@ class TableSet:
             check_table(path, entry, verify_hash=verify_hash)
             tables[int(layer_id)] = EngramTable(int(layer_id), read_header(path), placement, compute_device,
                                                 compute_dtype, stats, cache, progress)
+        return cls(tables, compute_device, stats)
+
+    @classmethod
+    def from_tensors(cls, rows: dict[int, torch.Tensor], dtype: str, placement: str = "host",
+                     device: ComputeDevice | str = "cpu", compute_dtype: torch.dtype = torch.float32) -> TableSet:
+        """Tables whose raw rows [num_rows, raw_row_elems] of table dtype `dtype` are already in
+        memory where `placement` says (host: a host tensor, page-locked for a GPU by the caller,
+        e.g. ComputeDevice.alloc_host; device: a tensor on the device): for benchmarks of tables
+        too large to write to disk first."""
+        compute_device = device if isinstance(device, ComputeDevice) else ComputeDevice(device)
+        spec, stats = table_dtype(dtype), TableStats()
+        tables = {}
+        for layer_id, raw in sorted(rows.items()):
+            header = TableHeader(Path(f"<memory: layer {layer_id}>"), spec, raw.shape[0], spec.head_dim(raw.shape[1]),
+                                 0, raw.numel() * raw.element_size())
+            tables[layer_id] = EngramTable(layer_id, header, placement, compute_device, compute_dtype, stats,
+                                           progress=False, rows=raw)
         return cls(tables, compute_device, stats)
 
     @property

@@ -17,14 +17,10 @@ import weakref
 
 import torch
 
-from offload.device import DeviceError
+from offload.device import DeviceError, PinningError
 
 HOST_REGISTER_PORTABLE = 0x01  # cudaHostRegisterPortable: pinned for every CUDA context
 HOST_REGISTER_MAPPED = 0x02  # cudaHostRegisterMapped: mapped into the device address space
-
-
-class PinningError(DeviceError):
-    """The system refused to page-lock a table (names the table and the size asked for)."""
 
 
 class UvaView:
@@ -88,9 +84,7 @@ def uva_view(host: torch.Tensor, label: str, device: str | torch.device = "cuda"
         try:
             runtime.hostRegister(ptr, nbytes, HOST_REGISTER_PORTABLE | HOST_REGISTER_MAPPED)
         except runtime.CUDARuntimeError as e:
-            raise PinningError(f"page-locking {label} ({nbytes} bytes, {nbytes / 2**30:.2f} GiB) failed: {e}; "
-                               f"raise the locked-memory limit (ulimit -l, docker --ulimit memlock=-1) or free RAM, "
-                               f"or serve the table from mmap") from e
+            raise PinningError.of(label, nbytes, e) from e
         unpin = weakref.finalize(host, runtime.hostUnregister, ptr)
     try:
         device_ptr = runtime.pointerGetAttributes(ptr).devicePointer

@@ -105,3 +105,15 @@ def test_mmap_gathers_use_the_readers_only_when_the_probe_row_came_from_disk(ckp
     assert (len(chunks), sum(chunks)) == ((store._MMAP_READ_THREADS, unique - 1) if cold else (0, 0))
     assert torch.equal(mapped[15].gather(rows[:5]), ckpt.values[15].bfloat16()[rows[:5]].float())
     mapped.close()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp8_e4m3"])
+def test_tables_made_from_tensors_in_memory_gather_as_from_files(ckpt_factory, dtype):
+    ckpt = ckpt_factory(dtype=dtype)
+    files = TableSet.open(ckpt.path, ckpt.tables, placement="host", progress=False)
+    memory = TableSet.from_tensors({lid: files[lid].resident.clone() for lid in (1, 15)}, dtype)
+    rows = np.array([0, 7, 7, 419])
+    for lid in (1, 15):
+        assert memory[lid].head_dim == files[lid].head_dim == 64
+        assert torch.equal(memory[lid].gather(rows), files[lid].gather(rows))
+    assert memory.stats.snapshot()[1]["lookups"] == 4
