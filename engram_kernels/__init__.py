@@ -23,11 +23,13 @@ tensors that are not on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import platform
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -88,10 +90,26 @@ def available() -> bool:
     return native() is not None
 
 
+_portable = threading.local()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Torch ops only in this thread while inside: the GPU's code path, run on CPU tensors."""
+    before = getattr(_portable, "on", False)
+    _portable.on = True
+    try:
+        yield
+    finally:
+        _portable.on = before
+
+
 def enabled(*tensors: torch.Tensor) -> bool:
-    """Whether this call may use the kernels: they are built, autograd is not recording and
-    every tensor given is on the CPU (CUDA tensors, and fake ones, take the torch ops)."""
-    return not torch.is_grad_enabled() and all(t.device.type == "cpu" for t in tensors) and available()
+    """Whether this call may use the kernels: they are built, not disabled() here, autograd is
+    not recording and every tensor given is on the CPU (CUDA tensors, and fake ones, take the
+    torch ops)."""
+    return (not torch.is_grad_enabled() and not getattr(_portable, "on", False)
+            and all(t.device.type == "cpu" for t in tensors) and available())
 
 
 @dataclass(frozen=True)

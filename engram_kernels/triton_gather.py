@@ -21,11 +21,10 @@ import functools
 
 import torch
 
-try:
-    import triton
+from engram_kernels.triton_backend import choose_backend, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # the torch path serves; choose_backend() says "torch"
-    triton = None
 
 TABLE_DTYPES = ("float32", "bfloat16", "fp8_e4m3")
 OUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -33,16 +32,6 @@ FP8_BLOCK = 32
 _UE8M0_ZERO_BITS = 0x00400000  # float32 bits of 2**-127, the scale of byte 0 (a subnormal)
 _KIND = {"float32": 0, "bfloat16": 1, "fp8_e4m3": 2}
 _TILE = 4096  # elements per program: rows per program = _TILE // head_dim (a power of two)
-
-
-def choose_backend(device: torch.device) -> str:
-    """"triton" for CUDA tensors, or CPU tensors while Triton's interpreter is on
-    (TRITON_INTERPRET=1, the tests); "torch" without triton or on any other device."""
-    if triton is None:
-        return "torch"
-    if device.type == "cuda" or (device.type == "cpu" and triton.knobs.runtime.interpret):
-        return "triton"
-    return "torch"
 
 
 def head_dim_of(table_dtype: str, raw_row_elems: int) -> int:
@@ -82,7 +71,8 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor, table_dtype: str,
         return decode_fp8(raw, out_dtype) if table_dtype == "fp8_e4m3" else raw.to(out_dtype)
     if chosen != "triton" or choose_backend(table.device) != "triton":
         raise ValueError(f"gather_rows: backend {backend!r} cannot run on {table.device} here "
-                         f"(triton {'missing' if triton is None else 'present'}; CPU needs TRITON_INTERPRET=1)")
+                         f"(triton {'missing' if triton is None else 'present'}; CPU tensors need "
+                         "triton_backend.interpreted())")
     return _gather_triton(table, rows, table_dtype, out_dtype, head_dim)
 
 

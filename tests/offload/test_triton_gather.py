@@ -1,6 +1,6 @@
 """The Triton row gather (engram_kernels/triton_gather.py) equals the tables' torch decode bit for bit.
 
-The kernel runs here in Triton's CPU interpreter (TRITON_INTERPRET=1, set for this module's
+The kernel runs here in Triton's CPU interpreter (triton_backend.interpreted() for this module's
 tests only: the kernel is jitted lazily under the current setting), over every table dtype and
 output dtype, random rows with repeats and row counts that are not a multiple of a program's
 block; its torch fallback and the custom op's fake (FakeTensorMode on "cuda") are checked too.
@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from engram_kernels.triton_gather import choose_backend, decode_fp8, gather_rows
+from engram_kernels import triton_backend
+from engram_kernels.triton_backend import choose_backend, interpreted
+from engram_kernels.triton_gather import decode_fp8, gather_rows
 from offload.dtypes import table_dtype
 
 requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -22,8 +24,9 @@ OUTS = [torch.float32, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def interpreter():
+    with interpreted():
+        yield
 
 
 def make_table(name: str, num_rows: int, head_dim: int, seed: int = 0) -> torch.Tensor:
@@ -87,18 +90,16 @@ def test_no_rows_and_the_backend_choice(monkeypatch):
     table = make_table("bfloat16", 5, 32)
     assert gather_rows(table, torch.empty(0, dtype=torch.int64), "bfloat16", backend="triton").shape == (0, 32)
     assert choose_backend(torch.device("cuda")) == "triton"
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(triton_backend, "_on_cpu", False)
     assert choose_backend(torch.device("cpu")) == "torch"
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+    with pytest.raises(ValueError, match=r"interpreted\(\)"):
         gather_rows(table, torch.tensor([1]), "bfloat16", backend="triton")
     rows = torch.tensor([1, 4])
     assert_same(gather_rows(table, rows, "bfloat16"), reference(table, rows, "bfloat16", torch.float32))  # auto: torch
 
 
 def test_torch_fallback_without_triton(monkeypatch):
-    import engram_kernels.triton_gather as module
-
-    monkeypatch.setattr(module, "triton", None)
+    monkeypatch.setattr(triton_backend, "triton", None)
     table, rows = make_table("fp8_e4m3", 50, 64), torch.tensor([3, 3, 49, 0])
     assert choose_backend(table.device) == "torch"
     want = reference(table, rows, "fp8_e4m3", torch.bfloat16)
