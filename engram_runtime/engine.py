@@ -18,12 +18,14 @@ from typing import Callable
 import torch
 
 from engram_runtime.allocator import keep_freed_memory
+from engram_runtime.kv_budget import profile_slots
 from engram_runtime.model_runner import Chunk, ModelRunner, parse_dtype
 from engram_runtime.sampling import SamplingParams, sample
 from engram_runtime.scheduler import ScheduledBatch, Scheduler
 from engram_runtime.sequence import IncrementalDetokenizer, RequestOutput, Sequence
 from engram_runtime.tokenizer import eos_token_ids
 from engram_runtime.weights import DEFAULT_MODEL_NAME, LoadedModel, load_model
+from offload.device import ComputeDevice
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +36,35 @@ DEFAULT_MAX_MODEL_LEN = 2048  # cap for the static KV cache when the model allow
 class EngineConfig:
     model: str | None = None  # GGUF file or HF dir; None = default SmolLM2
     engram: str | None = None  # Engram checkpoint dir or None
-    dtype: str = "float32"  # or "bfloat16"
+    device: str = "auto"  # "cpu", "cuda", "cuda:N"; auto: CUDA when torch sees a GPU
+    dtype: str = "auto"  # "float32", "bfloat16"; auto: bfloat16 on CUDA, float32 on the CPU
     table_placement: str = "host"
     table_dtype: str | None = None
+    engram_host_read: str = "uva"  # on CUDA, host tables read by the GPU itself, or "staging"
     cache_rows: int = 0
     prefetch: bool = True
     verify_tables: bool = False
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None  # None: min(model context, DEFAULT_MAX_MODEL_LEN)
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory this engine may use (CUDA)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+
+
+def resolve_device(name: str) -> str:
+    """The device an EngineConfig.device names ("auto": CUDA when torch sees a GPU)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """The compute dtype an EngineConfig.dtype names on `device` ("auto": bfloat16 on CUDA)."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return parse_dtype(name)
 
 
 @dataclass
@@ -56,8 +78,9 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
-        """loaded: weights + tokenizer already read for config.model (tests reuse one load)."""
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, device: ComputeDevice | None = None):
+        """loaded: weights + tokenizer already read for config.model (tests reuse one load);
+        device: instead of config.device (the tests' stand-ins, offload.device.ComputeDevice)."""
         keep_freed_memory()  # a step's freed tensors are reused, not faulted in again (see allocator)
         self.config = config
         loaded = loaded or load_model(config.model)
@@ -72,18 +95,23 @@ class LLMEngine:
         )
         if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        dtype = parse_dtype(config.dtype)
-        self.runner = ModelRunner(model_config, state_dict, dtype, config.max_num_seqs, self.max_model_len)
+        self.device = device or ComputeDevice(resolve_device(config.device))
+        dtype = resolve_dtype(config.dtype, str(self.device.torch_device))
+        self.dtype = str(dtype).removeprefix("torch.")
+        self.runner, self.max_num_seqs = self._runner(model_config, state_dict, dtype)
+        log.info("serving on %s in %s, %d sequences of up to %d tokens", self.device.torch_device, self.dtype,
+                 self.max_num_seqs, self.max_model_len)
         self.engram = None
         self.table_stats = None
         self.engram_layer_ids: list[int] = []
+        self.graphs = None
         if config.engram is not None:
             from engram_runtime.engram_runner import EngramRunner
 
-            self.engram = EngramRunner.load(config, self.tokenizer, self.runner)
-            self.table_stats = self.engram.table_stats
-            self.engram_layer_ids = self.engram.layer_ids
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+            self.attach_engram(EngramRunner.load(config, self.tokenizer, self.runner))
+        else:
+            self.graphs = self._graphs()
+        self.scheduler = Scheduler(self.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []
         self._abort_ids: list[str] = []
@@ -93,6 +121,45 @@ class LLMEngine:
         self._stopping = False
         self._num_steps = self._prompt_tokens = self._gen_tokens = 0
         self._step_observers: list[Callable[[float, int], None]] = []
+
+    def _runner(self, model_config, state_dict, dtype: torch.dtype) -> tuple[ModelRunner, int]:
+        """The backbone on the device; on CUDA with as many KV slots as fit (kv_budget)."""
+        config = self.config
+        if not self.device.cuda_primitives:
+            return ModelRunner(model_config, state_dict, dtype, config.max_num_seqs, self.max_model_len,
+                               device=self.device), config.max_num_seqs
+        free, total = self.device.memory()
+        runner = ModelRunner(model_config, state_dict, dtype, 1, self.max_model_len, device=self.device)
+        budget = profile_slots(runner, config.max_num_batched_tokens, total - free, config.gpu_memory_utilization,
+                               config.max_num_seqs)
+        runner.set_num_slots(budget.slots)
+        return runner, budget.slots
+
+    def attach_engram(self, engram) -> None:
+        """Serve with this EngramRunner (made for this engine's runner: its device, dtype, slots),
+        or none, from the next step on, closing the one before; the decode graphs are captured
+        anew. For memory made elsewhere than a checkpoint directory (bench.synthetic's in-memory
+        tables); call it between requests."""
+        if self.engram is not None:
+            self.engram.close()
+        self.engram = engram
+        self.table_stats = engram.table_stats if engram is not None else None
+        self.engram_layer_ids = engram.layer_ids if engram is not None else []
+        self.graphs = self._graphs()
+
+    def _graphs(self):
+        """Decode graphs captured now, on CUDA unless enforce_eager, when the Engram step (if any)
+        is device work alone."""
+        if not self.device.cuda_primitives or self.config.enforce_eager:
+            return None
+        if self.engram is not None and not self.engram.graphable:
+            log.info("CUDA graphs off: the Engram tables are read through host staging, which runs eagerly")
+            return None
+        from engram_runtime.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(self.runner, self.max_num_seqs, self.engram)
+        log.info("captured CUDA graphs for decode batch sizes %s in %.1f s", graphs.sizes, graphs.capture_seconds)
+        return graphs
 
     # ---- public API (any thread) ----
     def start(self) -> None:
@@ -215,12 +282,17 @@ class LLMEngine:
                 seq.first_scheduled_time = now
         to_sample: list[Sequence] = []
         logits: list[torch.Tensor] = []
-        gates: list[dict[int, float] | None] = []
+        gates: list[torch.Tensor] = []
+        hooks = []
         for group in self._forward_groups(batch):
             seqs, chunks = zip(*group)
+            chunks = list(chunks)
             try:
-                hook = self.engram.submit(list(chunks), [s.all_token_ids for s in seqs]) if self.engram else None
-                out = self.runner.forward(list(chunks), hook)
+                if self.graphs is not None and self.graphs.takes(chunks):
+                    out, hook = self.graphs.run(chunks)
+                else:
+                    hook = self.engram.submit(chunks, [s.all_token_ids for s in seqs]) if self.engram else None
+                    out = self.runner.forward(chunks, hook)
             except Exception as exc:  # a failing batch must not take the loop down
                 log.exception("forward failed")
                 for seq in seqs:
@@ -232,11 +304,19 @@ class LLMEngine:
                 if not seq.in_prefill:  # a finished prompt or a decode chunk: sample its next token
                     picked.append(i)
                     to_sample.append(seq)
-                    gates.append(hook.gates(i) if hook is not None else None)
+            if hook is not None:
+                hooks.append(hook)
             if picked:
-                logits.append(out if len(picked) == len(group) else out[torch.tensor(picked)])
+                rows = None if len(picked) == len(group) else torch.tensor(picked, device=out.device)
+                logits.append(out if rows is None else out.index_select(0, rows))
+                if hook is not None:  # each layer's gate for each row: rides the step's one host transfer
+                    g = hook.gate_tensor().narrow(0, 0, len(group)).to(out.device)
+                    gates.append(g if rows is None else g.index_select(0, rows))
         if to_sample:
-            self._sample_and_emit(to_sample, torch.cat(logits) if len(logits) > 1 else logits[0], gates)
+            self._sample_and_emit(to_sample, torch.cat(logits) if len(logits) > 1 else logits[0],
+                                  torch.cat(gates) if gates else None)
+        for hook in hooks:  # after the transfer, the step's device timings are readable
+            hook.finish()
         self._num_steps += 1
         n_tokens = len(batch.decode) + sum(n for _, n in batch.prefill)
         self._prompt_tokens += sum(n for _, n in batch.prefill)
@@ -254,9 +334,9 @@ class LLMEngine:
             )
         return groups
 
-    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, gates: list) -> None:
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, gates: torch.Tensor | None) -> None:
         try:
-            result = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            result = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], gates)
         except Exception as exc:
             log.exception("sampling failed")
             for seq in seqs:
@@ -271,7 +351,9 @@ class LLMEngine:
                 seq.append_token(token, self.max_model_len)
                 self._gen_tokens += 1
                 lp = [result.logprobs[i]] if result.logprobs[i] is not None else None
-                g = [gates[i]] if seq.params.engram_gates and gates[i] is not None else None
+                g = None
+                if seq.params.engram_gates and result.extra is not None:
+                    g = [dict(zip(self.engram_layer_ids, result.extra[i]))]
                 self._emit(seq, [token], lp, g)
             except Exception as exc:
                 self._fail(seq, exc)

@@ -9,7 +9,7 @@ whole decode mix in one call (the native worker's) is asked to.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -35,11 +35,13 @@ def fetch_failed(layer_id: int, exc: BaseException) -> PrefetchError:
 class StepTokens:
     """One forward's tokens as the Engram side needs them, per chunk (a sequence's part of the
     step): its new tokens after up to N - 1 tokens before them (NgramHasher.step_rows), how
-    many are new, and its KV slot (which is also its conv state's row)."""
+    many are new, and its KV slot (which is also its conv state's row); `fresh`: the slots whose
+    sequences start in this step."""
 
     contexts: list[list[int]]
     new_tokens: list[int]
     slots: list[int]
+    fresh: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -65,9 +67,10 @@ class ServingWeights:
     shape: tuple[int, int]  # (hc + 1, D): one projected row of memory
 
     @classmethod
-    def of(cls, layer: EngramLayer, dtype: torch.dtype) -> "ServingWeights":
+    def of(cls, layer: EngramLayer, dtype: torch.dtype, pack: bool = True) -> "ServingWeights":
+        """pack: prepack the projection for oneDNN where it can (not on the GPU's code path)."""
         projs = [*layer.key_projs, layer.value_proj]
-        projection = PackedLinear(torch.cat([p.weight for p in projs]).detach().to(dtype),
+        projection = PackedLinear(torch.cat([p.weight for p in projs]).detach().to(dtype), pack,
                                   bias=torch.cat([p.bias for p in projs]).detach())
         mix = MixWeights(**{k: v.detach() if isinstance(v, torch.Tensor) else v
                             for k, v in vars(layer.mix_weights()).items()})
@@ -86,21 +89,21 @@ class ServingWeights:
 
 class EngramStep:
     """The backbone's Engram hook for one forward: ``step(layer_id, hidden [B, T, D])`` -> hidden
-    with the layer's output added; ``gates(row)`` then tells each layer's mean gate for the row's
-    newest token."""
+    with the layer's output added. ``gate_tensor()`` then holds each layer's mean gate for each
+    row's newest token, [B, layers], on the compute device (it rides the step's one transfer to the
+    host, see sampling.sample), and ``finish()``, after that transfer, records what the ticket
+    measured on the device.
+
+    slots [B] and lengths [B] (right-padded rows) are the ticket's device tensors; a ticket that
+    mixes a whole decode step in one native call (``fused``) has its own."""
 
     def __init__(self, layers: dict[int, EngramLayer], weights: dict[int, ServingWeights],
-                 conv_states: dict[int, torch.Tensor], ticket: Ticket, step: StepTokens):
+                 conv_states: dict[int, torch.Tensor], ticket: Ticket, slots: torch.Tensor | None,
+                 lengths: torch.Tensor | None, fused: bool = False):
         self.layers, self.weights, self.conv_states, self.ticket = layers, weights, conv_states, ticket
         self.layer_ids = frozenset(layers)
-        lengths = step.new_tokens
-        padded = min(lengths) != max(lengths)  # right-padded rows: the conv state needs their lengths
-        self.lengths = torch.tensor(lengths) if padded else None
-        self._newest = (torch.arange(len(lengths)), self.lengths - 1) if padded else (slice(None), -1)
-        self._fused = max(lengths) == 1 and hasattr(ticket, "mix")  # the ticket does a decode mix whole
-        self.slots = None if self._fused else torch.tensor(step.slots)  # the fused ticket has them
+        self.slots, self.lengths, self._fused = slots, lengths, fused
         self._gates: dict[int, torch.Tensor] = {}
-        self._gate_means: dict[int, list[float]] | None = None
 
     def __call__(self, layer_id: int, hidden: torch.Tensor) -> torch.Tensor:
         if self._fused:
@@ -114,14 +117,23 @@ class EngramStep:
         layer = self.layers[layer_id]
         out = layer.mix(hidden.unsqueeze(2), memory.view(b, t, *memory.shape[1:]), state, self.lengths,
                         self.slots, weights)
-        self._gates[layer_id] = layer.last_gate[self._newest]  # [B, hc]: each row's newest token
+        gate = layer.last_gate  # [B, T, hc]: keep each row's newest token's
+        if self.lengths is None:
+            self._gates[layer_id] = gate.select(1, t - 1)
+        else:
+            newest = (self.lengths - 1).view(b, 1, 1).expand(b, 1, gate.shape[-1])
+            self._gates[layer_id] = gate.gather(1, newest).squeeze(1)
         return hidden + out.squeeze(2)
 
-    def gates(self, row: int) -> dict[int, float]:
-        """Each layer's mean gate over the branches for this row's newest token; the first call
-        reduces every layer and row at once (in the fused ticket, or with one tolist() per layer
-        and Python sums over the few branches: cheaper than torch ops on cold caches)."""
-        if self._gate_means is None:
-            self._gate_means = self.ticket.gate_means() if self._fused else {
-                lid: [sum(g) / len(g) for g in gates.tolist()] for lid, gates in self._gates.items()}
-        return {lid: g[row] for lid, g in self._gate_means.items()}
+    def gate_tensor(self) -> torch.Tensor:
+        """[B, layers in ascending id] each layer's gate for each row's newest token, averaged over
+        the branches (the native ticket reduces its own in one call)."""
+        if self._fused:
+            means = self.ticket.gate_means()
+            return torch.tensor([means[lid] for lid in sorted(means)]).t()
+        return torch.stack([self._gates[lid].mean(dim=-1) for lid in sorted(self._gates)], dim=1)
+
+    def finish(self) -> None:
+        finish = getattr(self.ticket, "finish", None)
+        if finish is not None:
+            finish()

@@ -26,9 +26,10 @@ class CompletionOutput:
 
 class LLM:
     def __init__(self, model: str | None = None, engram: str | None = None, loaded: LoadedModel | None = None,
-                 **engine_kwargs):
-        """engine_kwargs: EngineConfig fields (dtype, max_num_seqs, ...)."""
-        self.engine = LLMEngine(EngineConfig(model=model, engram=engram, **engine_kwargs), loaded)
+                 engine: LLMEngine | None = None, **engine_kwargs):
+        """engine_kwargs: EngineConfig fields (device, dtype, max_num_seqs, ...); engine: drive an
+        engine made elsewhere instead (the tests' device stand-ins)."""
+        self.engine = engine or LLMEngine(EngineConfig(model=model, engram=engram, **engine_kwargs), loaded)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import engram_kernels as kernels
+from engram_kernels.triton_attention import cache_attention
 from engram_runtime.config import ModelConfig
 
 
@@ -48,6 +49,8 @@ class AttentionInputs:
     that belong to the batch (None if the range is exactly the batch).
     mask [R, 1, T, kv_len] additive (0 = attend, -inf = masked), float32:
     built once per step instead of converting a bool mask in every layer.
+    slots, positions [B]: set for a decode step (T = 1) on a device with the cache attention
+    kernel (engram_kernels.triton_attention), which reads each row's slot in place instead.
     """
 
     write_rows: torch.Tensor
@@ -57,6 +60,8 @@ class AttentionInputs:
     mask: torch.Tensor
     cos: torch.Tensor  # [B, T, 1, head_dim], float32
     sin: torch.Tensor  # signed, see rope_tables
+    slots: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -132,29 +137,35 @@ class Attention(nn.Module):
             qkv = qkv.to(self.k_cache.dtype).view(B, -1, self.head_dim)
             out = kernels.decode_attention(qkv, a.cos, a.sin, self.k_cache, self.v_cache, a.slots, a.positions)
             return self.wo(out.view(B, T, -1))
-        # torch's attention runs in float32 whatever the weights' dtype: its bfloat16 batched
-        # matmuls copy strided K/V slices first and end up slower than float32 on this CPU
-        qkv = qkv.float().view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        # RoPE in float32; attention in float32 on the CPU, whose bfloat16 batched matmuls copy
+        # strided K/V slices first and are slower than float32, in the cache's dtype elsewhere
+        d, cache_dtype = self.head_dim, self.k_cache.dtype
+        attn_dtype = torch.float32 if x.device.type == "cpu" else cache_dtype
+        qkv = qkv.float().view(B, T, self.n_heads + 2 * self.n_kv, d)
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], a.cos, a.sin)  # q and k heads in one go
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
         # write this step's K/V into the static cache, then attend over the cache
-        d, cache_dtype = self.head_dim, self.k_cache.dtype
         self.k_cache.view(-1, d).index_copy_(0, a.write_rows, k.reshape(-1, d).to(cache_dtype))
         self.v_cache.view(-1, d).index_copy_(0, a.write_rows, v.reshape(-1, d).to(cache_dtype))
+        if a.slots is not None:  # a decode step read in place by the cache attention kernel
+            out = cache_attention(q.reshape(B, self.n_heads, d).to(cache_dtype), self.k_cache, self.v_cache,
+                                  a.slots, a.positions)
+            return self.wo(out.view(B, T, -1))
+        q = q.to(attn_dtype)
         rows = slice(*a.read) if isinstance(a.read, tuple) else a.read
-        keys = self.k_cache[rows, :, : a.kv_len].float()  # no copy for a float32 cache slice
-        values = self.v_cache[rows, :, : a.kv_len].float()
+        keys = self.k_cache[rows, :, : a.kv_len].to(attn_dtype)  # no copy for a cache slice in its dtype
+        values = self.v_cache[rows, :, : a.kv_len].to(attn_dtype)
         if a.q_rows is not None:  # attend over a slot range: place the batch's queries in it
             full = q.new_zeros(values.shape[0], *q.shape[1:])
             full[a.q_rows] = q
             q = full
+        mask = a.mask.to(attn_dtype)
         if T == 1:
-            out = decode_attention(q, keys, values, a.mask)
+            out = decode_attention(q, keys, values, mask)
         else:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=a.mask, enable_gqa=True
-            ).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                 enable_gqa=True).transpose(1, 2)
         if a.q_rows is not None:
             out = out[a.q_rows]
         return self.wo(out.reshape(B, T, -1))
@@ -260,16 +271,18 @@ class Transformer(nn.Module):
         for norm in [self.norm] + [n for b in self.layers for n in (b.attention_norm, b.ffn_norm)]:
             norm.weight.data = norm.weight.data.float()
 
-    def setup_cache(self, num_slots: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
-        """Static per-slot KV cache, float32 or bfloat16 (see Attention). Allocated with
-        calloc-backed zeros: the OS commits a page only when a sequence first writes it,
-        so memory follows the tokens actually held, not num_slots * max_len
-        (torch.zeros would touch all of it: 6 GB for 64 slots x 2048 positions).
-        Zeros rather than garbage keep masked scores finite."""
+    def setup_cache(self, num_slots: int, max_len: int, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> None:
+        """Static per-slot KV cache, float32 or bfloat16 (see Attention). On the CPU allocated with
+        calloc-backed zeros: the OS commits a page only when a sequence first writes it, so memory
+        follows the tokens actually held, not num_slots * max_len (torch.zeros would touch all of
+        it). Zeros rather than garbage keep masked scores finite."""
         shape = (num_slots, self.config.num_key_value_heads, max_len, self.config.head_dim)
         self.cache_len = max_len
         for block in self.layers:
-            block.attention.k_cache, block.attention.v_cache = (zeros_on_demand(shape, dtype) for _ in "kv")
+            block.attention.k_cache, block.attention.v_cache = (
+                zeros_on_demand(shape, dtype) if torch.device(device).type == "cpu"
+                else torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
 
     def forward(
         self,
@@ -285,7 +298,7 @@ class Transformer(nn.Module):
             x = block(x, a, engram)
         x = x.reshape(-1, x.shape[-1])
         if logits_index is not None:
-            x = x[logits_index]
+            x = x.index_select(0, logits_index)
         return self.output(self.norm(x, self.output.dtype))
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:

@@ -10,7 +10,8 @@ layer's event. ``WorkerTicket.memory(layer)`` blocks only if that event is not s
 
 Rows never leak between steps: every result is fresh memory, and the row ids are the ticket's
 own, so neither a later step nor the batch's changing membership can change what an earlier
-ticket returns. With ``enabled=False`` nothing runs in the background: ``memory(layer)``
+ticket returns. With ``enabled=False`` (or on a device stand-in that runs inline, for traces)
+nothing runs in the background: ``memory(layer)``
 gathers inline (the ``--no-prefetch`` comparison). An error while fetching (a vanished mmap
 file, a bad row id, a failing projection) is kept in the ticket and raised by ``memory()`` in
 the caller's thread as a PrefetchError naming the layer; the worker keeps serving later tickets.
@@ -78,7 +79,7 @@ class WorkerTicket:
     def _result(self, layer_id: int) -> torch.Tensor:
         prefetcher = self._prefetcher
         event = self._events[layer_id]
-        if not prefetcher.enabled and not event.is_set():
+        if prefetcher._worker is None and not event.is_set():
             self.fetch(layer_id)
         while not event.wait(_POLL_SECONDS):
             if not prefetcher.worker_alive:
@@ -96,7 +97,7 @@ class Prefetcher:
         self._queue: queue.Queue[WorkerTicket | None] = queue.Queue()
         self._closed = False
         self._worker: threading.Thread | None = None
-        if enabled:
+        if enabled and tables.device.threaded:
             self._worker = threading.Thread(target=self._run, name="engram-prefetch", daemon=True)
             self._worker.start()
 
@@ -113,7 +114,7 @@ class Prefetcher:
         if self._closed:
             raise RuntimeError("submit() on a closed Prefetcher")
         ticket = WorkerTicket(self, self.hasher.step_rows(step.contexts, step.new_tokens))
-        if self.enabled:
+        if self._worker is not None:
             self._queue.put(ticket)
         return ticket
 

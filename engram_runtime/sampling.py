@@ -60,6 +60,7 @@ class SamplingParams:
 class SampleResult:
     token_ids: list[int]
     logprobs: list[dict | None]  # per row: {"token_id", "logprob", "top": {id: lp}} or None
+    extra: list[list[float]] | None = None  # per row: the `extra` columns handed to sample()
 
 
 _ARGMAX_BLOCK = 1024
@@ -68,63 +69,79 @@ _ARGMAX_BLOCK = 1024
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, V] -> [B], the first index of each row's maximum (as max(dim=-1).indices).
 
-    Not torch.argmax, and not one max(dim) over the whole row: on this CPU index-returning
-    reductions run a scalar loop while amax vectorises. For [128, 49152] bfloat16 logits,
-    argmax took 18.7 ms, max(dim=-1) 3.8 ms and amax 0.67 ms. So: each block's amax, the first
-    block holding the row's maximum, and the index reduction inside that block only."""
+    On the CPU not one index reduction over the whole row: there index-returning reductions run a
+    scalar loop while amax vectorises. So: each block's amax, the first block holding the row's
+    maximum, and the index reduction inside that block only."""
     b, v = logits.shape
-    if v % _ARGMAX_BLOCK or v < 4 * _ARGMAX_BLOCK:
+    if logits.device.type != "cpu" or v % _ARGMAX_BLOCK or v < 4 * _ARGMAX_BLOCK:
         return logits.max(dim=-1).indices
     blocks = logits.reshape(b, v // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
     best = blocks.amax(dim=-1).max(dim=-1).indices  # [B]
     return best * _ARGMAX_BLOCK + blocks[torch.arange(b), best].max(dim=-1).indices
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> SampleResult:
-    """logits [B, V] (any float dtype; converted to float32 only where needed) -> one token per row."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           extra: torch.Tensor | None = None) -> SampleResult:
+    """logits [B, V] (any float dtype, on any device; converted to float32 only where needed) ->
+    one token per row. Everything is computed where the logits are, and what the host needs (the
+    tokens, the logprobs asked for, and `extra` [B, E], e.g. the step's Engram gates) comes back
+    in one copy: on a GPU the step's one device-to-host transfer. Each request's uniform draw
+    comes from its own CPU generator, so a seed samples the same on every device."""
+    device = logits.device
     tokens = argmax(logits)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        idx = torch.tensor(rows)
-        temp = torch.tensor([params[i].temperature for i in rows])
-        scaled = logits[idx].float() / temp[:, None]
+        idx = torch.tensor(rows, device=device)
+        temp = torch.tensor([params[i].temperature for i in rows], device=device)
+        scaled = logits.index_select(0, idx).float() / temp[:, None]
         top_k = [params[i].top_k for i in rows]
         top_p = [params[i].top_p for i in rows]
+        order = None
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             scaled, order = scaled.sort(dim=-1, descending=True)
-            rank = torch.arange(scaled.shape[-1])[None, :]
-            k = torch.tensor([k if k > 0 else scaled.shape[-1] for k in top_k])
+            rank = torch.arange(scaled.shape[-1], device=device)[None, :]
+            k = torch.tensor([k if k > 0 else scaled.shape[-1] for k in top_k], device=device)
             scaled = scaled.masked_fill(rank >= k[:, None], float("-inf"))
             probs = scaled.softmax(dim=-1)
             before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-            probs = probs.masked_fill(before >= torch.tensor(top_p)[:, None], 0.0)
+            probs = probs.masked_fill(before >= torch.tensor(top_p, device=device)[:, None], 0.0)
         else:
-            order = None
             probs = scaled.softmax(dim=-1)
         cdf = probs.cumsum(dim=-1)
-        u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64) for i in rows])
+        u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64) for i in rows]).to(device)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]).squeeze(1)
         pick = pick.clamp_(max=cdf.shape[-1] - 1)
         # never pick a zero-probability token because of float rounding at the CDF edge
         zero = probs.gather(1, pick[:, None]).squeeze(1) <= 0
-        if zero.any():
-            pick[zero] = probs[zero].argmax(dim=-1)
-        tokens[idx] = order.gather(1, pick[:, None]).squeeze(1) if order is not None else pick
-    token_list = tokens.tolist()
-    return SampleResult(token_list, _logprobs(logits, params, token_list))
+        pick = torch.where(zero, probs.argmax(dim=-1), pick)
+        tokens.index_copy_(0, idx, order.gather(1, pick[:, None]).squeeze(1) if order is not None else pick)
+    lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    top_n = max([params[i].logprobs for i in lp_rows], default=0)
+    columns = [tokens[:, None].double()]
+    if lp_rows:
+        columns.append(_logprob_columns(logits, tokens, lp_rows, top_n))
+    if extra is not None:
+        columns.append(extra.double())
+    host = (torch.cat(columns, dim=1) if len(columns) > 1 else columns[0]).tolist()
+    token_list = [int(row[0]) for row in host]
+    logprobs: list[dict | None] = [None] * len(params)
+    for i in lp_rows:
+        row, k = host[i], params[i].logprobs
+        top_ids, top_lps = row[2:2 + top_n], row[2 + top_n:2 + 2 * top_n]
+        logprobs[i] = {"token_id": token_list[i], "logprob": row[1],
+                       "top": {int(t): lp for t, lp in zip(top_ids[:k], top_lps[:k])}}
+    width = 1 + (1 + 2 * top_n if lp_rows else 0)
+    return SampleResult(token_list, logprobs, [row[width:] for row in host] if extra is not None else None)
 
 
-def _logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]) -> list[dict | None]:
-    """Log-probabilities of the model's raw distribution (vLLM's convention)."""
-    out: list[dict | None] = [None] * len(params)
-    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if not rows:
-        return out
-    lp = torch.log_softmax(logits[torch.tensor(rows)].float(), dim=-1)
-    n = max(params[i].logprobs for i in rows)
-    top_v, top_i = lp.topk(max(n, 1), dim=-1) if n > 0 else (None, None)
-    for j, i in enumerate(rows):
-        k = params[i].logprobs
-        top = {} if k == 0 else dict(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist()))
-        out[i] = {"token_id": tokens[i], "logprob": float(lp[j, tokens[i]]), "top": top}
-    return out
+def _logprob_columns(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], top_n: int) -> torch.Tensor:
+    """[B, 1 + 2 * top_n] float64, filled at `rows`: the chosen token's log-probability under the
+    model's raw distribution (vLLM's convention), then the top_n ids and their log-probabilities."""
+    idx = torch.tensor(rows, device=logits.device)
+    lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+    parts = [lp.gather(1, tokens.index_select(0, idx)[:, None])]
+    if top_n:
+        top_v, top_i = lp.topk(top_n, dim=-1)
+        parts += [top_i.double(), top_v]
+    out = torch.zeros(len(tokens), 1 + 2 * top_n, dtype=torch.float64, device=logits.device)
+    return out.index_copy_(0, idx, torch.cat([p.double() for p in parts], dim=1))

@@ -90,8 +90,12 @@ def _ops_router() -> APIRouter:
     async def version_info(request: Request):
         client = _client(request)
         engine = client.engine
-        return {"version": package_version(), "model": client.model_name,
-                "engram_layers": list(engine.engram_layer_ids) if engine else None,
+        serving = {"device": None, "dtype": None, "max_num_seqs": None, "cuda_graphs": None, "engram_layers": None}
+        if engine is not None:
+            serving = {"device": str(engine.device.torch_device), "dtype": engine.dtype,
+                       "max_num_seqs": engine.max_num_seqs, "cuda_graphs": engine.graphs is not None,
+                       "engram_layers": list(engine.engram_layer_ids)}
+        return {"version": package_version(), "model": client.model_name, **serving,
                 "engram_checkpoint": client.engine_config.engram}
 
     @router.get("/metrics")

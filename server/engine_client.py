@@ -160,13 +160,14 @@ class EngineClient:
             logger.error("engine failed to load: %s", self.load_error)
             raise
         self.engine = engine
+        self.capacity = engine.max_num_seqs + self.server_config.max_queue  # the KV cache may hold fewer (GPU)
         self.model_name = self.server_config.served_model_name or engine.model_name
         self.metrics = ServerMetrics(self.model_name, self._engine_stats, self._table_snapshot)
         engine.add_step_observer(lambda seconds, _tokens: self.metrics.step.observe(seconds))
         if self.state is State.LOADING:
             self.state = State.READY
-        logger.info("engine ready: model %s, max_model_len %d, engram layers %s",
-                    self.model_name, engine.max_model_len, engine.engram_layer_ids or "none")
+        logger.info("engine ready: model %s on %s in %s, max_model_len %d, engram layers %s", self.model_name,
+                    engine.device.torch_device, engine.dtype, engine.max_model_len, engine.engram_layer_ids or "none")
 
     def _engine_stats(self):
         return self.engine.stats() if self.engine is not None else None
