@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup serve test test-fast bench system-deps train-default clean
+.PHONY: setup serve test test-fast bench gpu-check system-deps train-default clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench
+
+# on a machine with a GPU (a fresh one: no venv, the image's python3 holds torch): one JSON of everything
+gpu-check:
+	PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py
 
 train-default: setup
 	$(PY) -m train.default
