@@ -1,10 +1,10 @@
 """Engram's cost per engine step, in-process: ``python -m bench.engram_step`` -> bench/results/engram_step.json.
 
 ``bench.overhead`` compares separate server processes, and each process brings its own
-placement of the packed weights in memory: two identical engines without Engram differ by up
-to 15% per step on this machine, so a few percent cannot be resolved that way. Here one
-LLMEngine with Engram decodes a batch and its Engram hook is switched off and on every few
-steps: both sides share weights, caches and the machine's drift, and the ratio (step time
+placement of the packed weights in memory: two identical engines without Engram differ per
+step by more than a few percent (docs/performance.md, "How to read these figures"), so
+Engram's cost cannot be resolved that way. Here one LLMEngine with Engram decodes a batch and
+its Engram hook is switched off and on every few steps: both sides share weights, caches and the machine's drift, and the ratio (step time
 without Engram over step time with it) isolates what Engram adds. Per batch size, with the
 prefetch worker and inline (``--no-prefetch``). Run it on a quiet machine.
 """

@@ -41,7 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def roofline(loaded: LoadedModel, dtype: torch.dtype, batch: int, reps: int, packed: bool = False) -> float:
-    """packed=False: F.linear (the issue's definition); packed=True: the same loop with
+    """packed=False: F.linear (the plain roofline); packed=True: the same loop with
     the prepacked oneDNN kernel the runtime uses (the bound this runtime can reach)."""
     weights = [w.to(dtype) for name, w in loaded.state_dict.items() if w.dim() == 2 and "embed" not in name]
     if loaded.config.tie_word_embeddings:

@@ -9,7 +9,7 @@ Measures, in one process so the ratios hold on a noisy machine:
    short conv with conv_state) at batch 1 and 32, float32 and bfloat16, SmolLM2 dims.
 3. The backbone's decode step (and 2048-token prefill) with engram_runtime's ModelRunner at
    the same batch sizes and dtypes, when the runtime is importable, and the shares above as
-   a fraction of it (goal from issue 3: hashing under 5% of a step).
+   a fraction of it (the goal: hashing under 5% of a step).
 
 Final numbers only on a quiet machine; the JSON records the load average.
 """

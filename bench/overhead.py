@@ -1,5 +1,5 @@
-"""Issue 6's figures: what Engram, and keeping its tables off the device, costs in serving
-throughput, measured through HTTP with ``loadtest compare``.
+"""What Engram, and keeping its tables off the device, costs in serving throughput,
+measured through HTTP with ``loadtest compare``.
 
     python -m bench.overhead            # full: 8 GB + 1 GB tables, concurrency 1 and 16
     python -m bench.overhead --quick    # toy-scale smoke run of the same pipeline (writes to /tmp)
@@ -16,8 +16,8 @@ greedy text per prompt, which would flatter it; random-token prompts would defea
 cache).  Every variant gets the same prompts and token counts; sampled tokens differ,
 which changes no compute but the cache's and page cache's hits.
 The ``mmap`` variant reads what its row cache misses through the page cache, which on
-this machine does not stay warm: the VM drops it within a minute (1.3 GB read, 0.5 GB
-still cached 45 s later, nothing else running), so most misses are disk reads.
+the development VMs does not stay warm (docs/performance.md, "mmap and the row cache"),
+so most misses are disk reads.
 Run it on a quiet machine: a figure taken while others compute is void.
 Writes bench/results/overhead.json, overhead.md and PNG plots per concurrency.
 """

@@ -4,11 +4,9 @@ Above its mmap threshold glibc serves each allocation with a fresh mapping, whos
 fault in on first touch, and it hands a heap top above its trim threshold back to the
 system. The mmap threshold starts at 128 KiB and rises to the largest such block freed so
 far, so whether a decode step's few-MB tensors (batch-16 logits alone are 3 MB) come back
-as new pages every step depends on what the process happened to free before. Measured at
-batch 16 in one engine: 14 or 3823 minor faults per step in two identical processes, 29.6
-against 37.1 ms per step; through the server without Engram 366.7 tok/s and 182 faults
-per generated token, where Engram servers (whose table loading had raised the threshold)
-had 2. Fixed thresholds take the chance out.
+as new pages every step depends on what the process happened to free before: two identical
+engines could differ by thousands of page faults per step (docs/performance.md, "Malloc
+thresholds"). Fixed thresholds take the chance out.
 """
 from __future__ import annotations
 

@@ -41,8 +41,8 @@ class AttentionInputs:
 
     write_rows [B*T*n_kv]: where each token's K/V head goes in the cache seen as rows of
     head_dim, (slot * n_kv + head) * cache_len + position, in (b, t, head) order: one
-    index_copy_ per cache per layer (a scatter indexed by slot and position took 6% of
-    a batch-128 step).
+    index_copy_ per cache per layer, cheaper than a scatter indexed by slot and position
+    (docs/performance.md).
     read: how to view the cache for this batch: (slot_start, slot_stop) for a
     contiguous slot range (a view, no copy), else a LongTensor of slots (gather).
     q_rows: when reading a slot range wider than the batch, the rows of that range
@@ -105,8 +105,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     cache), mask [R, 1, 1, L] -> [R, 1, H, D].
 
     The query heads sharing a KV head become the rows of one small matmul (no
-    repeat of K/V). Measured on this CPU, torch's flash SDPA kernel is several
-    times slower than this for a decode batch.
+    repeat of K/V). On the CPU this beats torch's flash SDPA kernel for a decode batch
+    (docs/performance.md).
     """
     R, _, H, D = q.shape
     kv = keys.shape[1]
@@ -125,8 +125,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.q_size, config.hidden_size, bias=False)
         # both [slots, n_kv, max_len, head_dim]: a batch's first L positions are one
         # contiguous block per (slot, head), whatever max_len is. (K stored transposed,
-        # [.., head_dim, max_len], strides each of its D rows max_len apart: 2.7x slower
-        # decode attention at batch 128 with max_len 2048, measured here.)
+        # [.., head_dim, max_len], strides each of its D rows max_len apart, which slows
+        # decode attention down: docs/performance.md.)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -262,7 +262,7 @@ class Transformer(nn.Module):
     def prepare_for_inference(self, pack: bool = True) -> None:
         """After the weights' dtype is set: every matmul becomes a PackedLinear and the
         norms go back to float32, so the residual stream stays float32 (cheaper
-        norms and adds than in bfloat16 on this CPU, and more accurate)."""
+        norms and adds than in bfloat16 on the CPU, and more accurate)."""
         for block in self.layers:
             att, ff = block.attention, block.feed_forward
             att.wqkv, att.wo = PackedLinear(att.wqkv.weight, pack), PackedLinear(att.wo.weight, pack)

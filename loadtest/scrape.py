@@ -5,8 +5,8 @@ exactly the run, even against a server that has been up for hours; gauges
 (utilisation, table bytes, gate mean) are read after.  Quantiles come from
 histogram buckets the way PromQL's ``histogram_quantile`` computes them (linear
 inside the bucket), so they match what a Grafana panel would show.
-Names are those issue 5 fixes; a target without them (vLLM, llama.cpp) simply
-yields no Engram section.
+Names are engram-serve's ``engram_*`` families; a target without them (vLLM, llama.cpp)
+simply yields no Engram section.
 """
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
 """Hot-row cache in front of a table's slower tier (DRAM in front of mmap; device memory in front of host).
 
 Policy: set-associative (8 ways, hashed sets) with LRU replacement inside each set; sized in rows
-or bytes. Chosen by measurement (``bench/offload.py``, 100k tokens per stream, 3.9M-row layer-1
-table of the default layout), hit rate at 1k / 4k / 16k / 64k cached rows:
-
-- real text (Python stdlib sources, SmolLM2 tokenizer, NgramHasher rows):
-  8-way LRU 0.257 / 0.423 / 0.547 / 0.625, fully associative LRU 0.260 / 0.432 / 0.552 / 0.628,
-  TinyLFU-style frequency admission 0.172 / 0.287 / 0.414 / 0.543, direct-mapped 0.209 / 0.359 /
-  0.491 / 0.588, static top-k oracle 0.164 / 0.288 / 0.446 / 0.646;
-- i.i.d. Zipf(1.0) n-grams: LRU 0.125 / 0.214 / 0.308 / 0.406, frequency 0.081 / 0.212 / 0.347 / 0.447.
+or bytes. Chosen by measurement (``bench/offload.py``; the hit rates are in docs/performance.md,
+"Offload"): on hashed real text it beats frequency admission and direct mapping at every size.
 
 Real N-gram traffic is Zipfian AND bursty (a document repeats its own names and phrases), so
 recency beats global frequency there, even beating a static oracle of the stream's top rows at
@@ -41,7 +35,7 @@ class CacheConfig:
     rows: int = 0
     bytes: int = 0
     ways: int = 8
-    policy: str = "lru"   # "lru" | "frequency" (see module docstring for the measurement)
+    policy: str = "lru"   # "lru" | "frequency" (the module docstring says why LRU)
 
     def capacity_rows(self, row_bytes: int) -> int:
         return max(self.rows, self.bytes // row_bytes if self.bytes else 0)

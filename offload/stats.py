@@ -6,8 +6,8 @@ reach these statistics two ways:
   gather or the engine thread;
 - counted where they happen by the native prefetch worker (engram_kernels' TableCounters, its
   gathers and the engine thread's waits for them), which ``snapshot()`` reads and adds in. A
-  decode step then costs the engine thread no Python for its statistics: handing each step's
-  figures over had cost ~0.1 ms of a 14 ms batch-1 step.
+  decode step then costs the engine thread no Python for its statistics, which handing each
+  step's figures over would (docs/performance.md).
 Utilisation is exact: one bit per table row, set when the row is first gathered. Writers are the
 prefetch worker and the engine thread, readers the metrics endpoint, so every update and the
 snapshot hold one lock.

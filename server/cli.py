@@ -180,8 +180,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
 def set_compute_threads(threads: int | None) -> None:
     """Leave one CPU to the event loop, streaming and tokenizer by default. torch's OpenMP
     threads wait for each other at every op, so one of them descheduled by the HTTP side
-    stalls the whole step: on 2 cores, 16 streams decoded 137 tok/s with --threads 2 and
-    194 tok/s with 1 (loadtest run --input-len 8 --output-len 128, concurrency 16)."""
+    stalls the whole step (docs/performance.md, "Decode throughput")."""
     import torch
 
     if threads is None:

@@ -5,7 +5,7 @@ held-out = 5% of the FILES), Engram layers 1 and 15, orders 2-3, 8 heads x 64 di
 ~2.1M rows per layer table (float32, so small Adagrad updates are not rounded away; rows
 start at N(0, 0.01^2), see TABLE_INIT_STD), sequence
 256, batch 4, row-wise Adagrad 0.1 on rows, AdamW 2e-3 on the dense part, backbone in bf16
-while training (3x faster matmuls here; the final evaluation runs in float32 like the server).
+while training (faster matmuls on the CPU; the final evaluation runs in float32 like the server).
 
 Time budget: the whole target must finish within `--budget-min` (45) minutes on the machine
 it runs on, so the token count is not fixed: a training step is timed first, and the run gets

@@ -42,8 +42,8 @@ def load_backbone(model: str | None, dtype: str = "float32") -> tuple[ModelRunne
     (GGUF or HF directory), so training sees exactly the served backbone.
 
     dtype "bfloat16" is the runtime's bf16 path (bf16 matmuls, float32 residual stream and
-    attention): on this CPU bf16 matmuls run ~3x faster than float32 ones, which is what
-    training throughput is made of. Evaluation defaults to float32, the serving default."""
+    attention): on the CPU bf16 matmuls run faster than float32 ones (docs/performance.md),
+    which is what training throughput is made of. Evaluation defaults to float32, the serving default."""
     loaded = load_model(model)
     runner = ModelRunner(loaded.config, loaded.state_dict, parse_dtype(dtype), num_slots=1,
                          max_model_len=loaded.config.max_position_embeddings, pack_weights=False)

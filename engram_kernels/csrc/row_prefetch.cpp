@@ -104,8 +104,8 @@ void PrefetchTicket::finish(size_t i, at::Tensor out, std::string error, bool in
     done_ = i + 1;
   }
   cv_.notify_all();
-  // after the hand-over: marking the rows in an 8 GB table's bitmap is a cache miss per row
-  // (~0.1 ms for a batch-16 step's 256), which the forward waiting for layer i need not wait for
+  // after the hand-over: marking the rows in a large table's bitmap is a cache miss per row,
+  // which the forward waiting for layer i need not wait for
   if (ok) counters_->gathered(i, rows_[i], seconds);
 }
 
@@ -141,7 +141,7 @@ std::vector<std::vector<double>> PrefetchTicket::gate_means() {
       out.push_back({});
       continue;
     }
-    // a plain loop: at::mean costs tens of microseconds here, with the caches the forward left
+    // a plain loop: at::mean's fixed cost is far above the loop's with the caches the forward left
     const int64_t rows = gate.size(0), branches = gate.size(1);
     const float* g = gate.data_ptr<float>();  // engram_mix's gate: [rows, branches], contiguous
     std::vector<double> means(rows);
