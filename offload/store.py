@@ -42,7 +42,7 @@ _LOAD_CHUNK = 64 << 20
 _STAGING_SLOTS = 2
 _MMAP_READ_THREADS = 8      # page faults in flight for a cold mmap gather
 _MMAP_PARALLEL_MIN_ROWS = 64
-_COLD_READ_SECONDS = 30e-6  # a row from the page cache takes ~1 us, from this machine's disk >= 70 us
+_COLD_READ_SECONDS = 30e-6  # between a row from the page cache and one from disk (docs/performance.md)
 
 
 class EngramTable:
@@ -178,11 +178,9 @@ class EngramTable:
         queue depth 1, while chunks on a few threads (numpy's take releases the GIL) keep several
         reads in flight. That pays only for many rows from disk: a gather of more than
         _MMAP_PARALLEL_MIN_ROWS rows reads its first row alone as a probe of where they are, and
-        sends the rest to the readers only if it came from disk. Measured here, 256 random rows
-        from the page cache: 0.4 ms inline against 0.9 ms on 8 threads. 16 rows from disk took
-        1.2 ms on 8 threads against 2.0 inline in isolation, yet in the server at concurrency 1
-        the readers' hand-offs slowed the forward by more (mmap + cache vs no Engram 0.69, against
-        0.82 with inline reads in the previous run)."""
+        sends the rest to the readers only if it came from disk: for rows in the page cache, or
+        a few rows from disk, the readers' hand-offs cost the forward more than they save
+        (docs/performance.md)."""
         if len(rows) <= _MMAP_PARALLEL_MIN_ROWS:
             np.take(self._rows_np, rows, axis=0, out=out)
             return
