@@ -80,7 +80,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> tuple[torch.Tensor, EngramStep | None]:
         """Replay the step of the chunks' padded size: (logits [B, vocab], the Engram hook, whose
-        gate_tensor() has B rows of padded size and whose finish() reads the step's timings)."""
+        gates() are the replay's and whose finish() reads the step's timings)."""
         size = self._fill(chunks)
         self._graphs[size].replay()
         logits, hook = self._outputs[size]

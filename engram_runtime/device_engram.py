@@ -38,13 +38,15 @@ class DeviceTicket:
     """One step's Engram fetch in flight on the side stream: per layer its memory [tokens, hc + 1,
     D] once `ready` is recorded, and the timing events its statistics are read from."""
 
-    def __init__(self, backend: DeviceEngram, num_tokens: int, timing: bool, external: bool):
+    def __init__(self, backend: DeviceEngram, num_tokens: int, in_graph: bool):
+        """in_graph: recorded inside a CUDA graph, where a timing event must be external (a record
+        node), while `ready`, which the compute stream waits on, stays an internal dependency."""
         self._backend = backend
         self.num_tokens = num_tokens
-        event = lambda: backend.device.event(timing, external)  # noqa: E731
         layers = backend.layer_ids
-        self._started, self._ready = {lid: event() for lid in layers}, {lid: event() for lid in layers}
-        self._before, self._after = {lid: event() for lid in layers}, {lid: event() for lid in layers}
+        timer = lambda: {lid: backend.device.event(timing=True, external=in_graph) for lid in layers}  # noqa: E731
+        self._started, self._gathered, self._before, self._after = timer(), timer(), timer(), timer()
+        self._ready = {lid: backend.device.event() for lid in layers}
         self._results: dict[int, torch.Tensor] = {}
         self._errors: dict[int, BaseException] = {}
         self._waited: list[int] = []
@@ -62,6 +64,7 @@ class DeviceTicket:
                 emb = gather_rows(backend.rows[lid], ids, backend.table_dtypes[lid], backend.compute_dtype)
                 backend.touched[lid].index_fill_(0, ids, True)
                 self._results[lid] = backend.weights[lid].project(emb.view(self.num_tokens, backend.heads, -1))
+                self._gathered[lid].record(self.stream)
                 self._ready[lid].record(self.stream)
         except Exception as exc:  # noqa: BLE001 - raised by memory() in the forward's thread
             for lid, event in self._ready.items():
@@ -81,21 +84,22 @@ class DeviceTicket:
         self._after[layer_id].record()
         if layer_id in self._errors:
             raise fetch_failed(layer_id, self._errors[layer_id]) from self._errors[layer_id]
-        self._waited.append(layer_id)
+        if layer_id not in self._waited:
+            self._waited.append(layer_id)
         result = self._results[layer_id]
         self._backend.device.hand_over(result)
         return result
 
     def finish(self) -> None:
         """After the step's host sync: each layer's gather time and the compute stream's stall
-        there into the table statistics."""
+        there into the table statistics. A ticket a CUDA graph captured is finished after every
+        replay, which records its events anew."""
         backend, stats = self._backend, self._backend.tables.stats
         lookups = self.num_tokens * backend.heads
         for lid in self._waited:
-            seconds = self._ready[lid].seconds_since(self._started[lid])
+            seconds = self._gathered[lid].seconds_since(self._started[lid])
             stats.record_gather(Gather(lid, lookups, 0, _NO_ROWS, lookups, seconds))
             stats.record_wait(lid, self._after[lid].seconds_since(self._before[lid]))
-        self._waited.clear()
 
 
 class DeviceEngram:
@@ -147,11 +151,10 @@ class DeviceEngram:
         return self.launch(slots, token_ids, lengths)
 
     def launch(self, slots: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor | None = None,
-               external_events: bool = False) -> DeviceTicket:
+               in_graph: bool = False) -> DeviceTicket:
         """Issue the step's fetch on the side stream after the compute stream's work so far (the
-        inputs); device tensors only, so a graph capture records it. external_events: the timing
-        events are recorded inside a graph (CUDA needs them external there)."""
-        ticket = DeviceTicket(self, token_ids.numel(), timing=True, external=external_events)
+        inputs); device tensors only, so a graph capture records it (in_graph)."""
+        ticket = DeviceTicket(self, token_ids.numel(), in_graph)
         def fetch() -> None:
             with kernels.disabled():  # the GPU's ops, also where the stand-in runs them on CPU tensors
                 ticket.fetch(slots, token_ids, lengths)

@@ -130,10 +130,21 @@ class LLMEngine:
                                device=self.device), config.max_num_seqs
         free, total = self.device.memory()
         runner = ModelRunner(model_config, state_dict, dtype, 1, self.max_model_len, device=self.device)
-        budget = profile_slots(runner, config.max_num_batched_tokens, total - free, config.gpu_memory_utilization,
+        reserved = total - free + self._device_table_bytes()  # other processes, and tables to come in HBM
+        budget = profile_slots(runner, config.max_num_batched_tokens, reserved, config.gpu_memory_utilization,
                                config.max_num_seqs)
         runner.set_num_slots(budget.slots)
         return runner, budget.slots
+
+    def _device_table_bytes(self) -> int:
+        """Bytes of the Engram tables to be loaded into GPU memory (placement device), from the
+        checkpoint's manifest: the KV cache must leave room for them."""
+        if self.config.engram is None or self.config.table_placement != "device":
+            return 0
+        from engram_runtime.checkpoint_format import read_manifest
+
+        manifest, _ = read_manifest(self.config.engram)
+        return sum(int(entry["nbytes"]) for entry in manifest["tables"].values())
 
     def attach_engram(self, engram) -> None:
         """Serve with this EngramRunner (made for this engine's runner: its device, dtype, slots),
@@ -282,7 +293,7 @@ class LLMEngine:
                 seq.first_scheduled_time = now
         to_sample: list[Sequence] = []
         logits: list[torch.Tensor] = []
-        gates: list[torch.Tensor] = []
+        gates: list = []  # per forward group: its sampled rows' gates (EngramStep.gates)
         hooks = []
         for group in self._forward_groups(batch):
             seqs, chunks = zip(*group)
@@ -309,12 +320,10 @@ class LLMEngine:
             if picked:
                 rows = None if len(picked) == len(group) else torch.tensor(picked, device=out.device)
                 logits.append(out if rows is None else out.index_select(0, rows))
-                if hook is not None:  # each layer's gate for each row: rides the step's one host transfer
-                    g = hook.gate_tensor().narrow(0, 0, len(group)).to(out.device)
-                    gates.append(g if rows is None else g.index_select(0, rows))
+                if hook is not None:
+                    gates.append(hook.gates(picked))
         if to_sample:
-            self._sample_and_emit(to_sample, torch.cat(logits) if len(logits) > 1 else logits[0],
-                                  torch.cat(gates) if gates else None)
+            self._sample_and_emit(to_sample, torch.cat(logits) if len(logits) > 1 else logits[0], gates)
         for hook in hooks:  # after the transfer, the step's device timings are readable
             hook.finish()
         self._num_steps += 1
@@ -334,14 +343,19 @@ class LLMEngine:
             )
         return groups
 
-    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, gates: torch.Tensor | None) -> None:
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, gates: list) -> None:
+        """gates: per forward group its rows' Engram gates, host lists or device tensors; a device's
+        go to the host with the sampled tokens, in the step's one transfer."""
+        on_device = [g for g in gates if isinstance(g, torch.Tensor)]
         try:
-            result = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], gates)
+            result = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                            torch.cat(on_device) if on_device else None)
         except Exception as exc:
             log.exception("sampling failed")
             for seq in seqs:
                 self._fail(seq, exc)
             return
+        gate_rows = result.extra if on_device else [row for group in gates for row in group]
         now = time.monotonic()
         for i, seq in enumerate(seqs):
             try:
@@ -352,8 +366,8 @@ class LLMEngine:
                 self._gen_tokens += 1
                 lp = [result.logprobs[i]] if result.logprobs[i] is not None else None
                 g = None
-                if seq.params.engram_gates and result.extra is not None:
-                    g = [dict(zip(self.engram_layer_ids, result.extra[i]))]
+                if seq.params.engram_gates and gate_rows:
+                    g = [dict(zip(self.engram_layer_ids, gate_rows[i]))]
                 self._emit(seq, [token], lp, g)
             except Exception as exc:
                 self._fail(seq, exc)

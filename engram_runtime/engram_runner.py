@@ -129,7 +129,7 @@ class EngramRunner:
     def capture(self, slots: torch.Tensor, token_ids: torch.Tensor) -> EngramStep:
         """A decode step's hook from device tensors (slots [B], token_ids [B, 1]), for a CUDA graph
         to record: needs the DeviceEngram backend (graphable)."""
-        ticket = self.backends[0].launch(slots, token_ids, external_events=True)
+        ticket = self.backends[0].launch(slots, token_ids, in_graph=True)
         return EngramStep(self.layers, self.weights, self.conv_states, ticket, slots, None)
 
     def close(self) -> None:

@@ -89,10 +89,9 @@ class ServingWeights:
 
 class EngramStep:
     """The backbone's Engram hook for one forward: ``step(layer_id, hidden [B, T, D])`` -> hidden
-    with the layer's output added. ``gate_tensor()`` then holds each layer's mean gate for each
-    row's newest token, [B, layers], on the compute device (it rides the step's one transfer to the
-    host, see sampling.sample), and ``finish()``, after that transfer, records what the ticket
-    measured on the device.
+    with the layer's output added. ``gates(rows)`` then tells each layer's mean gate for those
+    rows' newest tokens, and ``finish()``, after the step's transfer to the host, records what the
+    ticket measured on the device.
 
     slots [B] and lengths [B] (right-padded rows) are the ticket's device tensors; a ticket that
     mixes a whole decode step in one native call (``fused``) has its own."""
@@ -125,13 +124,20 @@ class EngramStep:
             self._gates[layer_id] = gate.gather(1, newest).squeeze(1)
         return hidden + out.squeeze(2)
 
-    def gate_tensor(self) -> torch.Tensor:
-        """[B, layers in ascending id] each layer's gate for each row's newest token, averaged over
-        the branches (the native ticket reduces its own in one call)."""
+    def gates(self, rows: list[int]) -> list[list[float]] | torch.Tensor:
+        """Each layer's gate (ascending layer id), averaged over the branches, for the newest token
+        of each of `rows`: host lists on the CPU (the native ticket reduces its own in one call, the
+        torch path takes one tolist() per layer: cheaper than torch ops on cold caches); on a GPU a
+        tensor [len(rows), layers] there, to ride the step's one transfer (sampling.sample)."""
         if self._fused:
             means = self.ticket.gate_means()
-            return torch.tensor([means[lid] for lid in sorted(means)]).t()
-        return torch.stack([self._gates[lid].mean(dim=-1) for lid in sorted(self._gates)], dim=1)
+            return [[means[lid][r] for lid in sorted(means)] for r in rows]
+        layers = [self._gates[lid] for lid in sorted(self._gates)]
+        if layers[0].device.type == "cpu":
+            means = [[sum(g) / len(g) for g in gate.tolist()] for gate in layers]
+            return [[layer[r] for layer in means] for r in rows]
+        index = torch.tensor(rows, device=layers[0].device)
+        return torch.stack([gate.mean(dim=-1) for gate in layers], dim=1).index_select(0, index)
 
     def finish(self) -> None:
         finish = getattr(self.ticket, "finish", None)

@@ -48,6 +48,7 @@ class WorkerTicket:
         self._events: dict[int, Event] = {layer: prefetcher.tables.device.event() for layer in rows}
         self._results: dict[int, torch.Tensor] = {}
         self._errors: dict[int, BaseException] = {}
+        self._timed_waits: list[tuple[int, Event, Event]] = []
 
     def fetch(self, layer_id: int) -> None:
         """Gather and project one layer's rows; run by the worker (or inline); never raises."""
@@ -62,19 +63,36 @@ class WorkerTicket:
             self._events[layer_id].record()
 
     def memory(self, layer_id: int) -> torch.Tensor:
-        """This step's memory for one layer, on the compute device; blocks only if not ready yet."""
+        """This step's memory for one layer, on the compute device; blocks only if not ready yet.
+        The wait is timed on the host, or on a GPU by events around it on the compute stream
+        (the host's block and the stream's wait, as the GPU lived them; read by finish())."""
         if layer_id not in self._events:
             raise KeyError(f"this ticket has no rows for layer {layer_id}; it holds layers {self.layer_ids}")
-        prefetcher = self._prefetcher
+        device, stats = self._prefetcher.tables.device, self._prefetcher.tables.stats
+        before = device.event(timing=True) if device.cuda_primitives else None
+        if before is not None:
+            before.record()
         t0 = time.perf_counter()
         try:
             result = self._result(layer_id)
         except BaseException as exc:
             raise fetch_failed(layer_id, exc) from exc
         finally:
-            prefetcher.tables.stats.record_wait(layer_id, time.perf_counter() - t0)
-        prefetcher.tables.device.hand_over(result)
+            if before is None:
+                stats.record_wait(layer_id, time.perf_counter() - t0)
+            else:
+                after = device.event(timing=True)
+                after.record()
+                self._timed_waits.append((layer_id, before, after))
+        device.hand_over(result)
         return result
+
+    def finish(self) -> None:
+        """After the step's host sync: the waits timed on the GPU into the table statistics."""
+        stats = self._prefetcher.tables.stats
+        for layer_id, before, after in self._timed_waits:
+            stats.record_wait(layer_id, after.seconds_since(before))
+        self._timed_waits.clear()
 
     def _result(self, layer_id: int) -> torch.Tensor:
         prefetcher = self._prefetcher

@@ -77,7 +77,8 @@ class EngramTable:
         # gathered by one native call (and by the native prefetch worker): CPU memory, no cache
         self.native = (self._tier is not None and not device.is_cuda and self.cache is None
                        and compute_dtype in (torch.float32, torch.bfloat16) and kernels.available())
-        table_bytes = {placement: header.file_nbytes - header.data_offset}
+        label = "host_pinned" if placement == "host" and device.pinned else placement
+        table_bytes = {label: header.file_nbytes - header.data_offset}
         if self.cache is not None:
             table_bytes["cache"] = self.cache.nbytes
         stats.add_layer(layer_id, self.num_rows, header.row_bytes, table_bytes)

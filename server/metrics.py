@@ -102,7 +102,8 @@ class _ScrapeTimeCollector(Collector):
         touched = GaugeMetricFamily("engram_table_rows_touched_ratio",
                                     "Share of the table's rows read at least once since start.", labels=["layer"])
         table_bytes = GaugeMetricFamily("engram_table_bytes", "Bytes of the table held per placement tier "
-                                        "(device, host, mmap; cache = the hot-row cache).",
+                                        "(device: GPU memory, host, host_pinned: page-locked for a GPU, mmap; "
+                                        "cache = the hot-row cache).",
                                         labels=["layer", "placement"])
         for layer_id, s in sorted(snapshot.items()):
             layer = str(layer_id)
