@@ -69,3 +69,23 @@ def test_bfloat16_generation_is_fluent(loaded_model, dtype):
     llm = LLM(loaded=loaded_model, dtype=dtype, max_num_seqs=2, max_model_len=128)
     out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))[0]
     assert "Paris" in out.text
+
+
+def test_a_cpu_whose_onednn_cannot_pack_bfloat16_falls_back_to_plain_linears(monkeypatch):
+    """CI's CPU lacks AVX-512, where oneDNN refuses to reorder a bfloat16 weight: PackedLinear
+    then computes with F.linear, with the same results."""
+    from engram_runtime import model
+
+    def refuse(weight):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
+
+    model._packs.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    try:
+        w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+        linear = model.PackedLinear(w)
+        assert linear.packed is None
+        x = torch.randn(3, 16)
+        assert torch.equal(linear(x), torch.nn.functional.linear(x.bfloat16(), w))
+    finally:
+        model._packs.cache_clear()
