@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup serve test test-fast bench gpu-check system-deps train-default clean
+.PHONY: setup serve test test-fast test-docker docker-base bench gpu-check system-deps train-default clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ test: setup system-deps
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Builds the CPU image on a local Debian base and runs it (root, dockerd, PyPI; the first run
+# takes several minutes, reruns reuse ~/.cache/engram-serve/docker-base and Docker's layer cache).
+# Not part of `make test`: tests/docker skips its `docker` tests unless -m selects them.
+test-docker: setup
+	$(PY) -m pytest -q -rs -m docker tests/docker
+
+# the debootstrap base image for docker/Dockerfile where no registry can be pulled from
+docker-base:
+	bash scripts/docker-base.sh
 
 bench: setup
 	$(PY) -m bench
