@@ -1,23 +1,24 @@
-"""Engram retrofit benchmark: does the trained memory pay, and what does training cost?
+"""Engram retrofit benchmark: which recipe makes the memory pay beyond its own corpus?
 
-All in one process, on SmolLM2-135M and the standard-library corpus (held-out = files the
-training never saw), each run starting from a fresh `engram-init` checkpoint:
+All in one process, on SmolLM2-135M and the default corpus's split (`train.default`: the
+stdlib and installed packages, a fifth of the projects held out whole), each run starting from
+a fresh `engram-init` checkpoint with the same tokens and data order:
 
-1. gain vs table size: runs with the same tokens and recipe, tables of increasing rows;
-   held-out CE of backbone + Engram vs backbone alone on the same tokens;
-2. gain vs training tokens: the held-out evaluations along the largest run (and, if
-   present, along `make train-default`'s run, read from its metrics.jsonl);
-3. sparse optimizer choice: row-wise Adagrad vs lazy sparse Adam on the middle table size:
-   held-out gain, optimizer-state bytes, table-update time per step;
-4. throughput: training tokens/s vs the frozen backbone's own forward+backward tokens/s
+1. variants of the default recipe, one change each (initial rows, row dropout, table size,
+   learning rate, whole files, the stdlib alone as training text), each scored on the same
+   in-domain and cross-project windows as it trains;
+2. throughput: training tokens/s vs the frozen backbone's own forward+backward tokens/s
    (backward to the token embeddings, no weight gradients), timed side by side.
 
-`python -m bench.train` (full: a few runs of --tokens each; for a quiet machine) or
-`--quick` (tiny, checks the script). Writes bench/results/train.json and train.png.
+`python -m bench.train` (the variants of VARIANTS, --tokens each; for a quiet machine),
+`--variants recipe init-0` for some, `--quick` (tiny: checks the script). Writes
+bench/results/train.json and train.png. Held-out figures here come from the bf16 backbone
+used for training; `make train-default` reports float32 ones.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -27,15 +28,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import load_before_run
 from engram_runtime.checkpoint import backbone_info, default_config, init_checkpoint
 from train import ckpt_store
-from train.corpus import default_corpus
-from train.default import DEFAULT_DIR, RECIPE, TABLE_INIT_STD
+from train.default import RECIPE, ROWS_PER_HEAD, default_split
 from train.engram_model import EngramLM, load_backbone
 from train.metrics import MetricsLog
+from train.split import CorpusSplit
 from train.trainer import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# name -> changes to the default recipe. Two are not TrainConfig fields: rows_per_head (the
+# table size) and train_on ("stdlib": only the standard library's projects as training text).
+VARIANTS: dict[str, dict] = {
+    "recipe": {},
+    "stdlib-only": {"train_on": "stdlib"},
+    "init-0": {"table_init_scale": 0.0},
+    "init-1": {"table_init_scale": 1.0},
+    "row-dropout-0.25": {"row_dropout": 0.25},
+    "whole-files": {"file_tokens": 0},
+    "table-lr-0.3": {"table_lr": 0.3},
+    "rows-32k": {"rows_per_head": 32_768},
+}
 
 
 def fresh_lm(runner, tokenizer, root: Path, name: str, rows_per_head: int) -> tuple[EngramLM, Path]:
@@ -44,8 +58,6 @@ def fresh_lm(runner, tokenizer, root: Path, name: str, rows_per_head: int) -> tu
     init_checkpoint(out, default_config(info["vocab_size"], rows_per_head=rows_per_head), info,
                     dtype="float32", progress=False)
     loaded = ckpt_store.load_for_training(out)
-    for table in loaded.tables.values():      # the default recipe's start (train.default)
-        table.mul_(TABLE_INIT_STD)
     return EngramLM(runner, tokenizer, loaded.ckpt, loaded.tables, trainable=True), out
 
 
@@ -73,26 +85,28 @@ def timed_fwd_bwd(lm: EngramLM, ids: np.ndarray, engram: bool, repeats: int) -> 
     return best
 
 
-def run_one(runner, tokenizer, root: Path, name: str, rows: int, tokens: int, optimizer: str,
-            recipe: dict, corpus: list[str]) -> dict:
+def variant_split(split: CorpusSplit, train_on: str | None, stdlib_root: str) -> CorpusSplit:
+    if train_on is None:
+        return split
+    if train_on != "stdlib":
+        raise ValueError(f"unknown train_on {train_on!r}")
+    return dataclasses.replace(split, train=[f for f in split.train if f.key.startswith(stdlib_root + "/")])
+
+
+def run_one(runner, tokenizer, root: Path, name: str, changes: dict, tokens: int, recipe: dict,
+            corpus: list[str], split: CorpusSplit) -> dict:
+    changes = dict(changes)
+    rows = changes.pop("rows_per_head", ROWS_PER_HEAD)
+    run_split = variant_split(split, changes.pop("train_on", None), Path(corpus[0]).name)
     lm, out = fresh_lm(runner, tokenizer, root, name, rows)
-    lr = recipe["table_lr"] if optimizer == "adagrad" else 1e-2
-    cfg = TrainConfig(engram=str(out), corpus=corpus, tokens=tokens, table_optimizer=optimizer,
-                      **{**recipe, "table_lr": lr})
+    cfg = TrainConfig(engram=str(out), corpus=corpus, tokens=tokens, **{**recipe, **changes})
     t0 = time.perf_counter()
-    summary = train(cfg, lm)
+    summary = train(cfg, lm, run_split)
     held = [r for r in MetricsLog(out / "metrics.jsonl").read() if r["kind"] == "heldout"]
-    state = sum(o.numel() * o.element_size() for o in
-                torch.load(out / json.loads((out / ckpt_store.TRAIN_STATE).read_text())["optim_file"],
-                           weights_only=True)["tables"][1].values())
-    table_bytes = lm.tables[1].numel() * lm.tables[1].element_size()
-    return {"name": name, "rows_per_head": rows, "table_rows": int(lm.tables[1].shape[0]),
-            "table_bytes_per_layer": table_bytes, "optimizer": optimizer, "table_lr": lr,
-            "optimizer_state_bytes_per_layer": state, "state_over_table": state / table_bytes,
-            "tokens": summary["tokens"], "seconds": time.perf_counter() - t0,
-            "train_tokens_per_s": summary["train_tokens_per_s"], "baseline_ce": summary["baseline_loss"],
-            "heldout_ce": summary["heldout_loss"], "rel_gain": summary["rel_gain"],
-            "curve": [{"tokens": r["tokens"], "rel_gain": r["rel_gain"], "ce": r["loss"]} for r in held]}
+    return {"name": name, "changes": {"rows_per_head": rows, **changes}, "tokens": summary["tokens"],
+            "seconds": time.perf_counter() - t0, "train_tokens_per_s": summary["train_tokens_per_s"],
+            "train_projects_read": summary["train_projects_read"], "heldout": summary["heldout"],
+            "curve": [{k: r[k] for k in ("tokens", "split", "loss", "rel_gain")} for r in held]}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -100,26 +114,24 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in result["runs"]:
-        xs = [c["tokens"] for c in run["curve"]]
-        a.plot(xs, [100 * c["rel_gain"] for c in run["curve"]], "o-", ms=3,
-               label=f"{run['optimizer']}, {run['table_rows'] / 1e6:.2f}M rows/layer")
-    if result.get("default_run_curve"):
-        c = result["default_run_curve"]
-        a.plot([x["tokens"] for x in c], [100 * x["rel_gain"] for x in c], "s-", ms=3, color="k",
-               label="make train-default")
-    a.axhline(3, color="gray", ls="--", lw=0.8)
+    runs = result["runs"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for run in runs:
+        cross = [c for c in run["curve"] if c["split"] == "cross_project"]
+        a.plot([c["tokens"] for c in cross], [100 * c["rel_gain"] for c in cross], "o-", ms=3, label=run["name"])
     a.set_xlabel("training tokens")
-    a.set_ylabel("held-out CE reduction vs backbone (%)")
-    a.legend(fontsize=7)
+    a.set_ylabel("cross-project held-out CE reduction (%)")
     a.grid(alpha=0.3)
-    sized = sorted((r for r in result["runs"] if r["optimizer"] == "adagrad"), key=lambda r: r["table_bytes_per_layer"])
-    b.semilogx([r["table_bytes_per_layer"] * 2 / 1e6 for r in sized], [100 * r["rel_gain"] for r in sized], "o-")
-    b.set_xlabel("total table size (MB, 2 layers, float32)")
-    b.set_ylabel("held-out CE reduction (%)")
-    b.set_title(f"same {sized[0]['tokens'] if sized else 0} training tokens")
-    b.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    x = np.arange(len(runs))
+    for offset, split, color in ((-0.2, "in_domain", "tab:orange"), (0.2, "cross_project", "tab:green")):
+        b.bar(x + offset, [100 * r["heldout"].get(split, {}).get("rel_gain", 0) for r in runs], 0.4,
+              color=color, label=split.replace("_", "-"))
+    b.set_xticks(x, [r["name"] for r in runs], rotation=30, ha="right", fontsize=8)
+    b.set_ylabel("held-out CE reduction vs backbone (%)")
+    b.set_title(f"{runs[0]['tokens'] if runs else 0} training tokens per run")
+    b.grid(alpha=0.3, axis="y")
+    b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -128,56 +140,54 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="bench.train", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
-    p.add_argument("--tokens", type=int, default=100_000, help="training tokens of each sweep run")
-    p.add_argument("--rows", type=int, nargs="+", default=[8192, 32768, 131072], help="rows per head")
-    p.add_argument("--default-dir", type=Path, default=DEFAULT_DIR, help="make train-default's checkpoint")
+    p.add_argument("--tokens", type=int, default=102_400, help="training tokens of each run")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args(argv)
-    recipe = dict(RECIPE)
+    recipe = dict(RECIPE, eval_every=25, ckpt_every=10_000)
     if args.quick:
-        args.tokens, args.rows = 2 * 64 * 6, [1024, 4096]
-        recipe.update(seq_len=64, batch_size=2, eval_every=3, eval_tokens=256, ckpt_every=100, warmup_steps=2)
-    load_start = list(os.getloadavg())
-    corpus = default_corpus()
+        args.tokens, args.variants = 2 * 64 * 6, args.variants[:2]
+        recipe.update(seq_len=64, batch_size=2, eval_every=3, eval_tokens=256, warmup_steps=2)
+    load_start = [load_before_run(), *os.getloadavg()[1:]]
+    t0 = time.perf_counter()
+    corpus, split = default_split()
+    split_s = time.perf_counter() - t0
     runner, tokenizer = load_backbone(None, recipe["dtype"])
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
-        for rows in args.rows:
-            runs.append(run_one(runner, tokenizer, root, f"adagrad-{rows}", rows, args.tokens, "adagrad",
-                                recipe, corpus))
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
-        mid = args.rows[len(args.rows) // 2]
-        runs.append(run_one(runner, tokenizer, root, f"adam-{mid}", mid, args.tokens, "adam", recipe, corpus))
-        print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
-        lm, _ = fresh_lm(runner, tokenizer, root, "throughput", mid)
+        for name in args.variants:
+            changes = dict(VARIANTS[name], **({"rows_per_head": 4096} if args.quick else {}))
+            runs.append(run_one(runner, tokenizer, root, name, changes, args.tokens, recipe, corpus, split))
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}), flush=True)
+            for f in (root / name).iterdir():      # a run's 1 GB of tables is not needed any more
+                f.unlink()
+        lm, _ = fresh_lm(runner, tokenizer, root, "throughput", 4096 if args.quick else ROWS_PER_HEAD)
         ids = np.random.default_rng(0).integers(0, runner.config.vocab_size,
                                                 (recipe["batch_size"], recipe["seq_len"]))
         t_engram = timed_fwd_bwd(lm, ids, engram=True, repeats=3)
         t_backbone = timed_fwd_bwd(lm, ids, engram=False, repeats=3)
     n = ids.size
     result = {
-        "quick": args.quick, "recipe": recipe, "corpus": corpus, "runs": runs,
+        "quick": args.quick, "tokens_per_run": args.tokens, "recipe": recipe, "corpus": corpus,
+        "split": {"seconds": split_s, "train_files": len(split.train), "in_domain_files": len(split.in_domain),
+                  "cross_project_files": len(split.cross_project), "duplicates": len(split.duplicates),
+                  "near_duplicates": len(split.near_duplicates),
+                  "heldout_projects": sorted({f.project for f in split.cross_project}),
+                  "train_projects": len({f.project for f in split.train})},
+        "runs": runs,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "loadavg_start": load_start, "loadavg_end": list(os.getloadavg())},
         "throughput": {"tokens_per_step": n, "engram_fwd_bwd_tokens_per_s": n / t_engram,
                        "backbone_fwd_bwd_tokens_per_s": n / t_backbone,
-                       "engram_over_backbone_time": t_engram / t_backbone,
-                       "train_loop_tokens_per_s": runs[0]["train_tokens_per_s"]},
-        "optimizer_choice": {r["optimizer"]: {"rel_gain": r["rel_gain"], "state_over_table": r["state_over_table"]}
-                             for r in runs if r["rows_per_head"] == mid},
+                       "engram_over_backbone_time": t_engram / t_backbone},
     }
-    default_metrics = args.default_dir / "metrics.jsonl"
-    if default_metrics.exists():
-        result["default_run_curve"] = [{"tokens": r["tokens"], "rel_gain": r["rel_gain"]}
-                                       for r in MetricsLog(default_metrics).read() if r["kind"] == "heldout"]
-        final = args.default_dir / "eval.json"
-        if final.exists():
-            result["default_run_final_eval"] = json.loads(final.read_text())
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "train_quick" if args.quick else "train"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     plot(result, RESULTS / f"{name}.png")
-    print(json.dumps({"throughput": result["throughput"], "optimizer_choice": result["optimizer_choice"]}, indent=1))
+    print(json.dumps({"throughput": result["throughput"],
+                      "gains": {r["name"]: {k: v["rel_gain"] for k, v in r["heldout"].items()} for r in runs}},
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -33,11 +33,16 @@ _HELP = {
     "warmup_steps": "linear warm-up steps, then cosine decay",
     "min_lr_ratio": "final learning rate as a fraction of the peak",
     "weight_decay": "AdamW weight decay",
-    "heldout_fraction": "share of corpus FILES held out for evaluation",
+    "heldout_fraction": "share of the trained projects' FILES held out (the in-domain evaluation)",
+    "heldout_projects": "share of PROJECTS (top-level folders of the corpus paths) held out whole "
+                        "(the cross-project evaluation)",
+    "file_tokens": "tokens read from the start of each training file; 0 reads whole files",
     "eval_every": "steps between held-out evaluations",
     "eval_tokens": "held-out tokens scored per evaluation",
     "ckpt_every": "steps between atomic checkpoints",
     "seed": "data order seed",
+    "table_init_scale": "an untrained checkpoint's N(0, 1) rows are first multiplied by this",
+    "row_dropout": "share of looked-up rows zeroed in each training step",
 }
 
 
@@ -82,10 +87,16 @@ def eval_main(argv: list[str] | None = None) -> None:
                                 description="Held-out cross-entropy and perplexity: backbone alone vs with Engram.")
     _common(p)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=65_536, help="held-out tokens to score")
+    p.add_argument("--eval-tokens", type=int, default=65_536,
+                   help="tokens to score per held-out set; 0 scores every token of every file")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--all", dest="all_files", action="store_true",
+                   help="score every file of the corpus (a corpus the memory never trained on)")
     p.add_argument("--heldout-fraction", type=float, default=None,
-                   help="default: the fraction recorded in the checkpoint's split.json")
+                   help="split the corpus anew with this share of files held out (1 = --all); "
+                        "default: the held-out sets recorded in the checkpoint's split.json")
+    p.add_argument("--heldout-projects", type=float, default=None,
+                   help="with a new split: the share of projects held out whole")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="backbone compute dtype")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     args = vars(p.parse_args(argv))

@@ -1,19 +1,19 @@
-"""Training corpus: find documents on disk, split them into train / held-out BY FILE, tokenize.
+"""Training corpus: find documents on disk, read them, tokenize them into one stream.
 
-The split is by file (never by window) so that held-out text shares no file with the
-training text: an N-gram memory could otherwise just memorise neighbouring lines of the
-same file and the held-out gain would be a leak, not generalisation. The split is a pure
-function of each file's path relative to the corpus root it was found under, so it is the
-same on every machine (the stdlib lives at different absolute paths) and `engram-eval`
-recomputes exactly the split `engram-train` used; `split.json` next to the checkpoint
-records it for humans and for a consistency check.
+A corpus is files and folders. Every file belongs to a *project*: the top-level folder it
+sits in below the corpus path it was found under (`site-packages/numpy/...` is project
+`site-packages/numpy`), or, for loose files at that level, the corpus path itself. Projects
+are what `train.split` can hold out whole, so that held-out text shares no code base with
+the training text. Keys are paths relative to the corpus root's parent, the same on every
+machine (the stdlib lives at different absolute paths), which keeps the split a pure
+function of the corpus.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,7 +24,12 @@ TEXT_SUFFIXES = frozenset({
     ".java", ".js", ".ts", ".sh", ".toml", ".yaml", ".yml", ".ini", ".cfg", ".html", ".css",
 })
 JSONL_SUFFIX = ".jsonl"
-SKIP_DIRS = frozenset({"__pycache__", "site-packages", "node_modules", ".git", ".venv"})
+# The default corpus's share of TEXT_SUFFIXES: Python sources and their docs. Installed packages
+# also ship C++ headers (torch alone: thousands), minified JavaScript and data tables.
+PYTHON_SUFFIXES = frozenset({".py", ".pyi", ".md", ".rst", ".txt"})
+# Vendored copies (`_vendor`) are other projects' code inside a project: a held-out project's
+# own sources would otherwise sit in the training text under another name.
+SKIP_DIRS = frozenset({"__pycache__", "site-packages", "node_modules", ".git", ".venv", "_vendor"})
 
 
 class CorpusError(Exception):
@@ -34,86 +39,52 @@ class CorpusError(Exception):
 @dataclass(frozen=True)
 class CorpusFile:
     path: Path          # absolute path on this machine
-    key: str            # path relative to its corpus root: what the split hashes
+    key: str            # path relative to its corpus root's parent: what the split hashes
+    project: str        # the top-level folder below the corpus root (or the root: loose files)
 
     @property
     def is_jsonl(self) -> bool:
         return self.path.suffix == JSONL_SUFFIX
 
 
-@dataclass
-class CorpusSplit:
-    train: list[CorpusFile]
-    heldout: list[CorpusFile]
-    heldout_fraction: float
-    skipped: list[str] = field(default_factory=list)   # undecodable files met while walking folders
-
-    def to_dict(self) -> dict:
-        return {"heldout_fraction": self.heldout_fraction,
-                "train": [f.key for f in self.train],
-                "heldout": [f.key for f in self.heldout],
-                "skipped": self.skipped}
-
-    def write(self, path: str | os.PathLike) -> None:
-        """Write split.json atomically (a crash never leaves a half-written record)."""
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-
-
-def discover(paths: Sequence[str | os.PathLike]) -> list[CorpusFile]:
+def discover(paths: Sequence[str | os.PathLike], suffixes: frozenset[str] = TEXT_SUFFIXES) -> list[CorpusFile]:
     """All corpus files under `paths`, sorted by key so the order never depends on the filesystem.
 
-    An explicitly named file must have a supported suffix; folders are walked recursively and
-    unsupported suffixes in them are ignored.
+    An explicitly named file must have a supported suffix (it is its own project); folders are
+    walked recursively, and files with other suffixes in them are ignored.
     """
     if not paths:
         raise CorpusError("no corpus path given")
+    supported = suffixes | {JSONL_SUFFIX}
     found: dict[str, CorpusFile] = {}
     for raw in paths:
         p = Path(raw).expanduser()
         if not p.exists():
             raise CorpusError(f"corpus path does not exist: {p}")
         if p.is_file():
-            if not _supported(p):
+            if p.suffix not in supported:
                 raise CorpusError(f"unsupported corpus file type {p.suffix!r}: {p} "
                                   f"(use .txt, .md, source code, or .jsonl with a 'text' field)")
-            found.setdefault(p.name, CorpusFile(p.resolve(), p.name))
+            found.setdefault(p.name, CorpusFile(p.resolve(), p.name, p.name))
             continue
         root = p.resolve()
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+            dirnames[:] = sorted(d for d in dirnames if not _skipped_dir(d))
             for name in sorted(filenames):
                 f = Path(dirpath, name)
-                if _supported(f):
-                    key = f"{root.name}/{f.relative_to(root).as_posix()}"
-                    found.setdefault(key, CorpusFile(f, key))
+                if f.suffix in supported:
+                    rel = f.relative_to(root).parts
+                    key = "/".join((root.name, *rel))
+                    project = root.name if len(rel) == 1 else f"{root.name}/{rel[0]}"
+                    found.setdefault(key, CorpusFile(f, key, project))
     if not found:
         raise CorpusError(f"no usable corpus files (.txt, .md, source code, .jsonl) under: "
                           f"{', '.join(str(p) for p in paths)}")
     return [found[k] for k in sorted(found)]
 
 
-def _supported(p: Path) -> bool:
-    return p.suffix in TEXT_SUFFIXES or p.suffix == JSONL_SUFFIX
-
-
-def split_files(files: Sequence[CorpusFile], heldout_fraction: float) -> CorpusSplit:
-    """Deterministic by-file split: sha256(key) decides, so adding a file never moves another."""
-    if not 0.0 < heldout_fraction < 1.0:
-        raise CorpusError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-    if len(files) < 2:
-        raise CorpusError(f"the corpus has {len(files)} file(s); a by-file train/held-out split "
-                          f"needs at least 2 ({', '.join(str(f.path) for f in files)})")
-    scores = [int.from_bytes(hashlib.sha256(f.key.encode()).digest()[:8], "big") / 2**64
-              for f in files]
-    heldout = [f for f, s in zip(files, scores) if s < heldout_fraction]
-    train = [f for f, s in zip(files, scores) if s >= heldout_fraction]
-    if not heldout or not train:   # tiny corpora: move the lowest-scoring file across
-        order = sorted(range(len(files)), key=scores.__getitem__)
-        heldout = [files[order[0]]]
-        train = [files[i] for i in sorted(order[1:])]
-    return CorpusSplit(train=train, heldout=heldout, heldout_fraction=heldout_fraction)
+def _skipped_dir(name: str) -> bool:
+    return name in SKIP_DIRS or name.startswith(".") or name.endswith(".dist-info")
 
 
 def read_documents(f: CorpusFile, strict: bool = True) -> list[str] | None:
@@ -154,16 +125,31 @@ def read_documents(f: CorpusFile, strict: bool = True) -> list[str] | None:
 Encode = Callable[[list[str]], list[list[int]]]
 
 
+@dataclass
+class TokenStream:
+    """Documents in file order, each followed by EOS, and where each token came from."""
+    tokens: np.ndarray          # int32 [n]
+    source: np.ndarray          # int32 [n]: index into `files` of each token's file
+    files: list[CorpusFile]     # the files that gave tokens, in stream order
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def projects(self) -> list[str]:
+        return sorted({f.project for f in self.files})
+
+
 def tokenize_files(files: Sequence[CorpusFile], encode: Encode, eos_id: int,
                    explicit: frozenset[str] = frozenset(), skipped: list[str] | None = None,
-                   max_tokens: int | None = None, per_file_tokens: int | None = None) -> np.ndarray:
-    """One int32 token stream: documents in file order, each followed by EOS.
+                   max_tokens: int | None = None, per_file_tokens: int | None = None) -> TokenStream:
+    """One token stream of `files` in the order given, at most `max_tokens` tokens.
 
     `explicit` holds keys of files the user named directly (read strictly); undecodable
-    files found by walking a folder are appended to `skipped`. Stops after `max_tokens`;
-    `per_file_tokens` caps each file's share (so a small sample spans many files).
+    files found by walking a folder are appended to `skipped`. `per_file_tokens` caps each
+    file's share (the file's beginning), so a small sample spans many files.
     """
     parts: list[np.ndarray] = []
+    used: list[CorpusFile] = []
     total = 0
     for f in files:
         docs = read_documents(f, strict=f.key in explicit)
@@ -173,25 +159,21 @@ def tokenize_files(files: Sequence[CorpusFile], encode: Encode, eos_id: int,
             continue
         ids = [t for doc in (encode(docs) if docs else []) for t in [*doc, eos_id]]
         part = np.asarray(ids[:per_file_tokens], dtype=np.int32)
+        if not len(part):
+            continue
         parts.append(part)
+        used.append(f)
         total += len(part)
         if max_tokens is not None and total >= max_tokens:
             break
     if not parts:
         raise CorpusError(f"the corpus files yield no text ({len(files)} file(s), "
                           f"first: {files[0].path if files else '-'})")
-    stream = np.concatenate(parts)
-    return stream[:max_tokens] if max_tokens is not None else stream
-
-
-def heldout_stream(split: CorpusSplit, encode: Encode, eos_id: int, explicit: frozenset[str],
-                   max_tokens: int, seq_len: int) -> np.ndarray:
-    """The held-out tokens every evaluation scores: the held-out files in a fixed shuffled
-    order, at most 1/8 of the budget (and at least one window) from each, so even a small
-    evaluation spans several files rather than the first file in alphabetical order."""
-    order = np.random.default_rng(0).permutation(len(split.heldout))
-    return tokenize_files([split.heldout[i] for i in order], encode, eos_id, explicit, split.skipped,
-                          max_tokens=max_tokens + seq_len, per_file_tokens=max(seq_len, max_tokens // 8))
+    source = np.concatenate([np.full(len(p), i, dtype=np.int32) for i, p in enumerate(parts)])
+    stream = TokenStream(np.concatenate(parts), source, used)
+    if max_tokens is not None:
+        stream.tokens, stream.source = stream.tokens[:max_tokens], stream.source[:max_tokens]
+    return stream
 
 
 def explicit_keys(paths: Sequence[str | os.PathLike]) -> frozenset[str]:
@@ -200,13 +182,16 @@ def explicit_keys(paths: Sequence[str | os.PathLike]) -> frozenset[str]:
 
 
 def default_corpus() -> list[str]:
-    """The offline default corpus: this interpreter's own standard library sources.
+    """The offline default corpus: this interpreter's standard library and the packages
+    installed in its environment (site-packages), each package a project.
 
-    Present on every machine that runs the project (it is the Python that runs it), a few
-    MB of real code and docstrings, and free of any download.
+    Both exist on every machine that runs the project (the Python that runs it and the
+    packages `make setup` installed), tens of MB of real code and docs by many authors,
+    and free of any download.
     """
-    import sysconfig
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    paths = sysconfig.get_paths()
+    stdlib = Path(paths["stdlib"])
     if not stdlib.is_dir():
         raise CorpusError(f"the standard library folder is missing: {stdlib}")
-    return [str(stdlib)]
+    packages = sorted({Path(paths[k]) for k in ("purelib", "platlib") if Path(paths[k]).is_dir()})
+    return [str(stdlib), *(str(p) for p in packages)]

@@ -1,11 +1,17 @@
 """`make train-default`: the default trained memory for SmolLM2-135M, from an offline corpus.
 
-Recipe: this interpreter's standard-library sources (present on every machine, no download;
-held-out = 5% of the FILES), Engram layers 1 and 15, orders 2-3, 8 heads x 64 dims per order,
-~2.1M rows per layer table (float32, so small Adagrad updates are not rounded away; rows
-start at N(0, 0.01^2), see TABLE_INIT_STD), sequence
-256, batch 4, row-wise Adagrad 0.1 on rows, AdamW 2e-3 on the dense part, backbone in bf16
-while training (faster matmuls on the CPU; the final evaluation runs in float32 like the server).
+Corpus: this interpreter's standard library and the packages installed in its environment
+(Python sources and docs, deduplicated; every package, and every stdlib package, a project).
+A fifth of the projects is held out whole, so the figure the run reports measures transfer to
+code it never saw (cross-project), beside held-out files of the trained projects (in-domain).
+Training reads projects in rounds and at most FILE_TOKENS from each file, so the ~1M tokens
+the budget allows span every trained project instead of the biggest few.
+
+Memory: Engram layers 1 and 15, orders 2-3, 8 heads x 64 dims per order, ~2.1M rows per layer
+table (float32, so small Adagrad updates are not rounded away), rows started at
+N(0, TABLE_INIT_SCALE^2); sequence 256, batch 4, row-wise Adagrad on rows, AdamW on the dense
+part, backbone in bf16 while training (faster matmuls on the CPU; the final evaluation runs in
+float32 like the server). docs/training.md has the measurements behind these choices.
 
 Time budget: the whole target must finish within `--budget-min` (45) minutes on the machine
 it runs on, so the token count is not fixed: a training step is timed first, and the run gets
@@ -26,23 +32,26 @@ import torch
 from engram_runtime.checkpoint import backbone_info, default_config, init_checkpoint
 from train import ckpt_store
 from train.cli import run_cli
-from train.corpus import default_corpus
+from train.corpus import PYTHON_SUFFIXES, default_corpus, discover
 from train.engram_model import EngramLM, load_engram_lm
 from train.evaluate import EvalConfig, evaluate
+from train.split import CorpusSplit, split_corpus
 from train.trainer import TrainConfig, train
 
 DEFAULT_DIR = Path("checkpoints/engram-smollm2-stdlib")
 ROWS_PER_HEAD = 131_072
-RECIPE = dict(dtype="bfloat16", seq_len=256, batch_size=4, table_lr=0.1, dense_lr=2e-3, warmup_steps=10, eval_every=100,
-              eval_tokens=4096, ckpt_every=200, heldout_fraction=0.05)
-# engram-init draws rows N(0, 1) like nn.Embedding. For a retrofit on few tokens that is noise:
-# every held-out N-gram the training never saw would inject a random vector. Scaled to
-# N(0, 0.01^2) before step 0, unseen rows add almost nothing, while the adaptive optimizers
-# (Adagrad on rows, AdamW on the zero-initialised value projection) still move trained rows
-# and weights at their full learning rate, so learning starts at once.
-TABLE_INIT_STD = 0.01
-FINAL_EVAL_TOKENS = 16_384
+RECIPE = dict(dtype="bfloat16", seq_len=256, batch_size=4, table_lr=0.1, dense_lr=2e-3, warmup_steps=10,
+              eval_every=100, eval_tokens=4096, ckpt_every=200, heldout_fraction=0.05, heldout_projects=0.2,
+              file_tokens=2048, table_init_scale=0.01)
+FINAL_EVAL_TOKENS = 16_384      # per held-out set
 MAX_TOKENS = 4_000_000
+
+
+def default_split() -> tuple[list[str], CorpusSplit]:
+    """The default corpus's paths and its split (reads every file once: a few seconds)."""
+    corpus = default_corpus()
+    cfg = TrainConfig(engram="", corpus=corpus, **RECIPE)
+    return corpus, split_corpus(discover(corpus, PYTHON_SUFFIXES), cfg.split_config)
 
 
 def time_train_step(lm: EngramLM, batch_size: int, seq_len: int, repeats: int = 2) -> float:
@@ -61,12 +70,13 @@ def time_train_step(lm: EngramLM, batch_size: int, seq_len: int, repeats: int = 
     return best
 
 
-def plan_tokens(step_s: float, elapsed_s: float, budget_s: float) -> int:
+def plan_tokens(step_s: float, elapsed_s: float, budget_s: float, heldout_sets: int) -> int:
     """Training tokens that fit the budget. A forward-only evaluation token costs about a third
-    of a training token; evaluations and checkpoints get their share before training does."""
+    of a training token in bfloat16 and twice that in the final evaluation's float32; the
+    evaluations (about a dozen) and checkpoints get their share before training does."""
     tok_s = RECIPE["seq_len"] * RECIPE["batch_size"] / step_s
-    eval_s = (FINAL_EVAL_TOKENS * 2 + RECIPE["eval_tokens"] * 12) / (3 * tok_s)
-    train_s = 0.85 * (budget_s - elapsed_s - eval_s) - 60          # 60 s: checkpoints, plot
+    forward_tokens = heldout_sets * (FINAL_EVAL_TOKENS * 2 * 2 + RECIPE["eval_tokens"] * 12)
+    train_s = 0.9 * (budget_s - elapsed_s - forward_tokens / (3 * tok_s)) - 60     # 60 s: checkpoints, plot
     per_step = RECIPE["seq_len"] * RECIPE["batch_size"]
     return int(min(MAX_TOKENS, max(per_step, train_s * tok_s)) // per_step * per_step)
 
@@ -80,28 +90,24 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         t0 = time.perf_counter()
-        corpus = default_corpus()
+        corpus, split = default_split()
         out: Path = args.out
         resume = (out / ckpt_store.TRAIN_STATE).exists()
         if not out.exists():
             backbone = backbone_info(None)
             init_checkpoint(out, default_config(backbone["vocab_size"], rows_per_head=ROWS_PER_HEAD),
                             backbone, dtype="float32")
-        lm = None
-        if not resume:                      # a fresh run from engram-init's N(0, 1) tables
-            lm = load_engram_lm(None, ckpt_store.load_for_training(out), RECIPE["dtype"])
-            for table in lm.tables.values():
-                table.mul_(TABLE_INIT_STD)
+        lm = None if resume else load_engram_lm(None, ckpt_store.load_for_training(out), RECIPE["dtype"])
         tokens = args.tokens
         if resume:
             tokens = json.loads((out / ckpt_store.TRAIN_STATE).read_text())["config"]["tokens"]
         elif tokens is None:
             step_s = time_train_step(lm, RECIPE["batch_size"], RECIPE["seq_len"])
-            tokens = plan_tokens(step_s, time.perf_counter() - t0, args.budget_min * 60)
+            tokens = plan_tokens(step_s, time.perf_counter() - t0, args.budget_min * 60, len(split.heldout()))
             print(f"one training step takes {step_s:.2f} s: training on {tokens} tokens to fit "
                   f"{args.budget_min:.0f} minutes")
         cfg = TrainConfig(engram=str(out), corpus=corpus, tokens=tokens, resume=resume, **RECIPE)
-        summary = train(cfg, lm)
+        summary = train(cfg, lm, split)
         report = evaluate(EvalConfig(engram=str(out), corpus=corpus, seq_len=RECIPE["seq_len"],
                                      eval_tokens=FINAL_EVAL_TOKENS))
         summary = {**summary, "final_eval": report, "wall_seconds": time.perf_counter() - t0}

@@ -102,8 +102,9 @@ class EngramLM:
         """float32 [n, head_dim] values of global rows (decoded from the table's storage dtype)."""
         return self.specs[lid].decode(self.tables[lid][rows], torch.float32)
 
-    def embeddings(self, ids: np.ndarray) -> dict[int, torch.Tensor]:
-        return {lid: self.gather(lid, r.unique)[r.inverse] for lid, r in self.lookup(ids).items()}
+    def embeddings(self, ids: np.ndarray, rows: dict[int, Rows] | None = None) -> dict[int, torch.Tensor]:
+        """{layer_id: [B, T, heads_total, head_dim]} rows of the batch (`rows`: its lookup, if made)."""
+        return {lid: self.gather(lid, r.unique)[r.inverse] for lid, r in (rows or self.lookup(ids)).items()}
 
     # ---- forward ------------------------------------------------------------------------------
     def _inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, AttentionInputs]:
@@ -124,24 +125,28 @@ class EngramLM:
         memory = _Memory(self.engram, emb) if emb is not None else None
         return self.backbone(input_ids, attn, engram=memory).view(b, t, -1)
 
-    def loss(self, ids: torch.Tensor, emb: dict[int, torch.Tensor] | None) -> torch.Tensor:
-        """Mean next-token cross-entropy (nats) over the batch, in float32 whatever the backbone's
-        dtype: a bfloat16 mean steps by 0.008 near 2.4 nats, a third of a percent of the gains
-        the held-out evaluations compare."""
+    def loss(self, ids: torch.Tensor, emb: dict[int, torch.Tensor] | None, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy (nats; the batch's mean, or per position with reduction "none"),
+        in float32 whatever the backbone's dtype: a bfloat16 mean steps by 0.008 near 2.4 nats, a
+        third of a percent of the gains the held-out evaluations compare."""
         logits = self.logits(ids, emb).float()
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                               reduction=reduction)
 
     @torch.no_grad()
-    def mean_nll(self, windows: np.ndarray, use_engram: bool, batch_size: int) -> float:
-        """Mean next-token cross-entropy over fixed windows [n, T], scored in batches."""
-        total, count = 0.0, 0
+    def token_nll(self, windows: np.ndarray, use_engram: bool, batch_size: int) -> np.ndarray:
+        """Next-token cross-entropy (nats, float32) of every position [n, T-1] of fixed windows
+        [n, T], scored in batches: per token, so a report can break it down by file or project."""
+        out = []
         for i in range(0, len(windows), batch_size):
             ids = windows[i:i + batch_size]
-            emb = self.embeddings(ids) if use_engram else None
-            loss = self.loss(torch.from_numpy(ids), emb)
-            n = ids.shape[0] * (ids.shape[1] - 1)
-            total, count = total + float(loss) * n, count + n
-        return total / count
+            nll = self.loss(torch.from_numpy(ids), self.embeddings(ids) if use_engram else None, reduction="none")
+            out.append(nll.view(ids.shape[0], -1).numpy())
+        return np.concatenate(out)
+
+    def mean_nll(self, windows: np.ndarray, use_engram: bool, batch_size: int) -> float:
+        """Mean next-token cross-entropy over fixed windows [n, T]."""
+        return float(self.token_nll(windows, use_engram, batch_size).mean(dtype=np.float64))
 
     @torch.no_grad()
     def gates(self, ids: np.ndarray) -> dict[int, np.ndarray]:

@@ -1,6 +1,7 @@
 """Training metrics: one JSON object per line, and the loss-curve PNG drawn from them.
 
-A record is {"step", "tokens", "kind": "train"|"heldout", "loss", ...}. On `--resume` the
+A record is {"step", "tokens", "kind": "train"|"heldout", "loss", ...}; held-out records name
+their held-out set ("split": "in_domain" | "cross_project" | ...). On `--resume` the
 log is cut back to the checkpoint's step, so records of steps that were computed after the
 last checkpoint (and will be recomputed) appear once, and the curve continues seamlessly.
 """
@@ -54,22 +55,28 @@ def plot_loss_curve(records: list[dict], png_path: Path, title: str = "Engram tr
         ys = [r["loss"] for r in train]
         ax.plot(xs, ys, color="tab:blue", alpha=0.25, lw=0.8)
         ax.plot(xs, _ema(ys, 0.9), color="tab:blue", label="train (EMA)")
-    if held:
-        ax.plot([r["tokens"] for r in held], [r["loss"] for r in held], "o-", color="tab:orange",
-                label="held-out, backbone + Engram")
-        base = [r["baseline_loss"] for r in held if "baseline_loss" in r]
-        if base:
-            ax.axhline(base[-1], color="gray", ls="--", label="held-out, backbone alone")
+    for (name, recs), color in zip(_by_split(held).items(), ("tab:orange", "tab:green", "tab:red", "tab:purple")):
+        label = name.replace("_", "-")
+        ax.plot([r["tokens"] for r in recs], [r["loss"] for r in recs], "o-", color=color, ms=3,
+                label=f"held-out {label}, backbone + Engram")
+        ax.axhline(recs[-1]["baseline_loss"], color=color, ls="--", lw=0.9, label=f"held-out {label}, backbone alone")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = png_path.with_name(png_path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, png_path)
+
+
+def _by_split(held: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in held:
+        out.setdefault(r.get("split", "heldout"), []).append(r)
+    return out
 
 
 def _ema(values: list[float], beta: float) -> list[float]:

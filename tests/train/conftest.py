@@ -54,11 +54,13 @@ def make_engram(tmp_path: Path, tiny_model: Path, dtype: str = "float32") -> Pat
 
 
 def write_corpus(root: Path) -> Path:
-    """A small code corpus with repeated idioms (what an N-gram memory can learn)."""
-    root.mkdir(parents=True)
+    """A small code corpus with repeated idioms (what an N-gram memory can learn), in three
+    projects (top-level folders) of four modules each."""
     for i in range(12):
         body = "".join(f"def function_{i}_{k}(value):\n    return value * {k} + {i}\n\n" for k in range(40))
-        (root / f"module_{i}.py").write_text(body)
+        project = root / f"project_{i % 3}"
+        project.mkdir(parents=True, exist_ok=True)
+        (project / f"module_{i}.py").write_text(body)
     return root
 
 
@@ -74,6 +76,6 @@ def trained(tmp_path_factory, tiny_model) -> tuple[TrainConfig, dict]:
     corpus = write_corpus(tmp / "corpus")
     cfg = TrainConfig(engram=str(make_engram(tmp, tiny_model, dtype="bfloat16")), corpus=[str(corpus)],
                       model=str(tiny_model), tokens=2 * 32 * 30, seq_len=32, batch_size=2, eval_every=10,
-                      ckpt_every=100, eval_tokens=256, heldout_fraction=0.25, warmup_steps=2, table_lr=0.2,
-                      dense_lr=1e-2, progress=False)
+                      ckpt_every=100, eval_tokens=256, heldout_fraction=0.25, heldout_projects=0.3, warmup_steps=2,
+                      table_lr=0.2, dense_lr=1e-2, progress=False)
     return cfg, train(cfg)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from train.batches import WindowSchedule, eval_windows
-from train.corpus import CorpusError, discover, explicit_keys, read_documents, split_files, tokenize_files
+from train.corpus import CorpusError, discover, explicit_keys, read_documents, tokenize_files
+from train.split import SplitConfig, split_corpus
 
 
 def _encode(texts):
@@ -30,17 +31,18 @@ def test_discover_and_split_are_deterministic_and_by_file(tmp_path):
     keys = [f.key for f in files]
     assert keys == sorted(keys) and len(keys) == 21
     assert all(k.startswith("src/") for k in keys) and not any("__pycache__" in k for k in keys)
-    s1 = split_files(files, 0.2)
-    s2 = split_files(discover([str(root)]), 0.2)
-    assert [f.key for f in s1.heldout] == [f.key for f in s2.heldout]
-    assert set(f.key for f in s1.train).isdisjoint(f.key for f in s1.heldout)
-    assert len(s1.train) + len(s1.heldout) == 21 and s1.heldout and s1.train
+    assert {f.project for f in files} == {"src", "src/pkg"}        # loose files belong to the root
+    s1 = split_corpus(files, SplitConfig(0.2))
+    s2 = split_corpus(discover([str(root)]), SplitConfig(0.2))
+    assert [f.key for f in s1.in_domain] == [f.key for f in s2.in_domain] and not s1.cross_project
+    assert set(f.key for f in s1.train).isdisjoint(f.key for f in s1.in_domain)
+    assert len(s1.train) + len(s1.in_domain) == 21 and s1.in_domain and s1.train
     # adding a file never moves an existing one across the split
     (root / "pkg" / "new.py").write_text("x = 1\n")
-    s3 = split_files(discover([root]), 0.2)
-    assert {f.key for f in s1.heldout} <= {f.key for f in s3.heldout}
+    s3 = split_corpus(discover([root]), SplitConfig(0.2))
+    assert {f.key for f in s1.in_domain} <= {f.key for f in s3.in_domain}
     s1.write(tmp_path / "split.json")
-    assert json.loads((tmp_path / "split.json").read_text())["heldout"] == [f.key for f in s1.heldout]
+    assert json.loads((tmp_path / "split.json").read_text())["in_domain"] == [f.key for f in s1.in_domain]
 
 
 def test_missing_and_unsupported_paths_are_clear_errors(tmp_path):
@@ -55,7 +57,7 @@ def test_missing_and_unsupported_paths_are_clear_errors(tmp_path):
     only = tmp_path / "only.txt"
     only.write_text("x")
     with pytest.raises(CorpusError, match="at least 2"):
-        split_files(discover([only]), 0.1)
+        split_corpus(discover([only]), SplitConfig(0.1))
 
 
 def test_corrupted_files(tmp_path):
@@ -85,8 +87,9 @@ def test_tokenize_jsonl_and_skip_undecodable_in_folders(tmp_path):
     skipped = []
     stream = tokenize_files(files, _encode, eos_id=2, explicit=explicit_keys([d]), skipped=skipped)
     assert skipped == ["d/b.txt"]
-    assert stream.tolist() == [ord("a") % 100 + 3, ord("b") % 100 + 3, 2, ord("c") % 100 + 3, 2,
+    assert stream.tokens.tolist() == [ord("a") % 100 + 3, ord("b") % 100 + 3, 2, ord("c") % 100 + 3, 2,
                                *(ord(c) % 100 + 3 for c in "xyz"), 2]
+    assert [f.key for f in stream.files] == ["d/a.jsonl", "d/c.txt"] and stream.source.tolist() == [0] * 5 + [1] * 4
     with pytest.raises(CorpusError, match="not UTF-8"):
         tokenize_files(discover([d / "b.txt"]), _encode, 2, explicit=explicit_keys([d / "b.txt"]))
 

@@ -21,6 +21,7 @@ from train.corpus import discover
 from train.engram_model import load_engram_lm, open_engram_lm
 from train.gates import main as gates_main, token_gates
 from train.evaluate import EvalConfig, evaluate
+from train.split import split_corpus
 from train.trainer import Trainer, TrainConfig, prepare_data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def _trainer(tmp_path, tiny_model, corpus, dtype="float32") -> Trainer:
     cfg = _cfg(engram, corpus, tiny_model)
     loaded = ckpt_store.load_for_training(engram)
     lm = load_engram_lm(cfg.model, loaded)
-    data = prepare_data(cfg, discover(cfg.corpus), lm.encode, lm.eos_id)
+    data = prepare_data(cfg, split_corpus(discover(cfg.corpus), cfg.split_config), lm.encode, lm.eos_id)
     return Trainer(cfg, lm, data, engram, loaded.ckpt.manifest)
 
 
@@ -124,15 +125,24 @@ def test_trained_checkpoint_serves_and_eval_reports_gain(trained, tmp_path, caps
     load_checkpoint(engram, verify_tables=True)
     assert (engram / "loss_curve.png").stat().st_size > 10_000
     split = json.loads((engram / "split.json").read_text())
-    assert split["heldout"] and set(split["heldout"]).isdisjoint(split["train"])
+    held_projects = {k.split("/")[1] for k in split["cross_project"]}
+    assert split["in_domain"] and split["cross_project"] and split["projects"]["heldout"]
+    assert set(split["in_domain"] + split["cross_project"]).isdisjoint(split["train"])
+    assert held_projects.isdisjoint(k.split("/")[1] for k in split["train"])      # whole projects held out
     report = evaluate(EvalConfig(engram=str(engram), corpus=cfg.corpus, model=cfg.model, seq_len=32, eval_tokens=256))
-    # eval reads the table files memory-mapped; training kept them in memory: same numbers
-    assert report["engram_model"]["cross_entropy"] == pytest.approx(summary["heldout_loss"], abs=1e-5)
-    assert report["backbone"]["cross_entropy"] == pytest.approx(summary["baseline_loss"], abs=1e-5)
-    assert report["relative_ce_reduction"] > 0.03
+    assert sorted(report["sets"]) == ["cross_project", "in_domain"]
+    for name, r in report["sets"].items():
+        # eval reads the table files memory-mapped; training kept them in memory: same numbers
+        assert r["engram_model"]["cross_entropy"] == pytest.approx(summary["heldout"][name]["loss"], abs=1e-5)
+        assert r["backbone"]["cross_entropy"] == pytest.approx(summary["heldout"][name]["baseline_loss"], abs=1e-5)
+        assert r["tokens_scored"] == 8 * 31 and r["files_scored"] >= 1
+        assert sum(p["tokens"] for p in r["per_project"].values()) == r["tokens_scored"]
+    assert report["sets"]["in_domain"]["relative_ce_reduction"] > 0.03
+    assert set(report["sets"]["cross_project"]["per_project"]) <= {f"corpus/{p}" for p in held_projects}
     eval_main(["--engram", str(engram), "--corpus", *cfg.corpus, "--model", cfg.model, "--seq-len", "32",
                "--eval-tokens", "256"])
-    assert "lower CE" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| in-domain: 248 tokens" in out and "| cross-project: 248 tokens" in out and "lower CE" in out
     gates_main(["--engram", str(engram), "--model", cfg.model, "--out", str(tmp_path / "g"),
                 "def function_1_2(value):\n    return value * 2 + 1\n"])
     assert "layer 1:" in capsys.readouterr().out and (tmp_path / "g.png").stat().st_size > 5_000
@@ -142,6 +152,27 @@ def test_trained_checkpoint_serves_and_eval_reports_gain(trained, tmp_path, caps
     pieces, gates = token_gates(lm, "def function_1_2(value):")
     assert "".join(pieces) == "def function_1_2(value):" and sorted(gates) == [1, 2]
     assert all(g.shape == (len(pieces),) and ((g > 0) & (g < 1)).all() for g in gates.values())
+
+
+def test_eval_all_scores_every_file_of_a_new_corpus(trained, tmp_path, capsys):
+    cfg, _ = trained
+    new = tmp_path / "new"
+    for i in range(3):
+        (new / f"lib{i}").mkdir(parents=True)
+        (new / f"lib{i}" / "a.py").write_text("".join(f"total_{i} = total_{i} + {k}\n" for k in range(30)))
+    (new / "lib0" / "copy.py").write_text((new / "lib0" / "a.py").read_text())     # a byte-identical copy
+    report = evaluate(EvalConfig(engram=cfg.engram, corpus=[str(new)], model=cfg.model, seq_len=32,
+                                 eval_tokens=0, all_files=True))
+    (r,) = report["sets"].values()
+    assert r["set"] == "all" and r["files_available"] == r["files_scored"] == 3 and r["projects_scored"] == 3
+    assert report["provenance"]["duplicates"] == 1 and report["provenance"]["trained_files_included"] == 0
+    eval_main(["--engram", cfg.engram, "--corpus", str(new), "--model", cfg.model, "--seq-len", "32",
+               "--heldout-fraction", "1"])
+    assert "| all: " in capsys.readouterr().out
+    # the training corpus itself under --all: the trained files are counted in the report
+    report = evaluate(EvalConfig(engram=cfg.engram, corpus=cfg.corpus, model=cfg.model, seq_len=32,
+                                 eval_tokens=256, all_files=True))
+    assert report["provenance"]["trained_files_included"] > 0
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, tiny_model, capsys):
