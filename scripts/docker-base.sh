@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# A local base image for docker/Dockerfile where no registry can be pulled from: Debian from the
-# mirror apt already uses (debootstrap), with what python:3.11-slim-bookworm offers the Dockerfile
-# (python3 with venv and headers, CA certificates), imported into Docker. Prints the image's name
-# on stdout (all else goes to stderr):
+# A local base image for docker/Dockerfile where no registry can be pulled from: a minimal Debian
+# (as debian:<suite>-slim: no python, so the Dockerfile installs Debian's, the way it does on the
+# CUDA image's Ubuntu base) from the mirror apt already uses (debootstrap), imported into Docker.
+# Prints the image's name on stdout (all else goes to stderr):
 #   docker build -f docker/Dockerfile --build-arg BASE_IMAGE="$(bash scripts/docker-base.sh)" .
 # Needs root. Installs docker.io and debootstrap with apt if missing and starts dockerd if none
 # answers. The root filesystem is cached as a tarball in ~/.cache/engram-serve/docker-base/ (never
@@ -15,7 +15,7 @@ suite=$(. /etc/os-release && echo "${VERSION_CODENAME:?no VERSION_CODENAME in /e
 mirror=$( { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
             grep -hs '^deb ' /etc/apt/sources.list | grep -o 'https\?://[^ ]*'; } | grep -v security | head -n1 || true)
 mirror=${mirror:-http://deb.debian.org/debian}
-packages=python3,python3-venv,python3-dev,ca-certificates
+packages=ca-certificates
 key=$(echo "$suite $mirror $packages" | sha1sum | cut -c1-8)
 tag=engram-serve-base:$suite-$key
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/engram-serve/docker-base
@@ -36,20 +36,39 @@ if ! docker info >/dev/null 2>&1; then
     docker info >/dev/null 2>&1 || { log "dockerd did not start, see $cache/dockerd.log"; exit 1; }
 fi
 
-if docker image inspect "$tag" >/dev/null 2>&1; then echo "$tag"; exit 0; fi
+# This machine's own certificate authorities (a TLS-intercepting egress proxy's, say) go into the
+# image too, so pip inside a build trusts what pip here trusts; they are not cached (they change).
+certs=(/usr/local/share/ca-certificates/*.crt)
+[[ -e ${certs[0]} ]] || certs=()
+final=$tag
+((${#certs[@]})) && final=$tag-ca$(cat "${certs[@]}" | sha1sum | cut -c1-8)
+if docker image inspect "$final" >/dev/null 2>&1; then echo "$final"; exit 0; fi
 
-if [[ ! -f $tarball ]]; then
-    need debootstrap debootstrap
-    mkdir -p "$cache"
-    rootfs=$(mktemp -d "$cache/rootfs.XXXXXX")
-    trap 'rm -rf "$rootfs"' EXIT
-    log "debootstrap $suite from $mirror with $packages (a few minutes, once)"
-    debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror" >&2
-    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar --numeric-owner -C "$rootfs" -cf "$tarball.partial" . && mv "$tarball.partial" "$tarball"
+if ! docker image inspect "$tag" >/dev/null 2>&1; then
+    if [[ ! -f $tarball ]]; then
+        need debootstrap debootstrap
+        mkdir -p "$cache"
+        rootfs=$(mktemp -d "$cache/rootfs.XXXXXX")
+        trap 'rm -rf "$rootfs"' EXIT
+        log "debootstrap $suite from $mirror with $packages (a few minutes, once)"
+        debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror" >&2
+        rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+        tar --numeric-owner -C "$rootfs" -cf "$tarball.partial" . && mv "$tarball.partial" "$tarball"
+    fi
+    log "docker import $tarball as $tag"
+    # as Debian's own images: a PATH (a Dockerfile's `ENV PATH=...:$PATH` extends it) and a shell
+    docker import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV LANG=C.UTF-8' --change 'CMD ["bash"]' "$tarball" "$tag" >&2
 fi
-log "docker import $tarball as $tag"
-# as Debian's own images: a PATH (a Dockerfile's `ENV PATH=...:$PATH` extends it) and a shell
-docker import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-    --change 'ENV LANG=C.UTF-8' --change 'CMD ["bash"]' "$tarball" "$tag" >&2
-echo "$tag"
+
+if ((${#certs[@]})); then
+    log "adding this machine's CAs (${certs[*]}) as $final"
+    dir=$(mktemp -d)
+    cp "${certs[@]}" "$dir/"
+    printf '%s\n' "FROM $tag" 'COPY *.crt /usr/local/share/ca-certificates/' 'RUN update-ca-certificates' \
+        'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \
+        >"$dir/Dockerfile"
+    docker build -q -t "$final" "$dir" >&2
+    rm -rf "$dir"
+fi
+echo "$final"

@@ -10,8 +10,9 @@ minutes (debootstrap, pip), reruns reuse the cached base and Docker's layer cach
 Environment:
   ENGRAM_DOCKER_BASE   base image to build on (default: the one scripts/docker-base.sh makes)
   ENGRAM_DOCKER_TORCH  a folder holding the torch wheel the Dockerfile pins (torch-X+cpu-*.whl),
-                       served to the build over HTTP where download.pytorch.org is out of reach;
-                       default: pip's find-links folder if it holds that wheel, else the CPU index
+                       served to the build over HTTP with its dependencies where
+                       download.pytorch.org is out of reach (as here); default: pip's find-links
+                       folder if it holds that wheel, else the Dockerfile's CPU index
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -43,6 +45,42 @@ def docker(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProces
     return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def buildkit_build() -> tuple[list[str], dict[str, str]] | None:
+    """A build command that uses BuildKit, which reads Dockerfile.dockerignore: `docker buildx
+    build`, or a docker CLI older than 23 with DOCKER_BUILDKIT=1 (Debian's docker.io 20.10)."""
+    if docker("buildx", "version").returncode == 0:
+        return ["docker", "buildx", "build", "--load"], {}
+    for cli in dict.fromkeys(filter(None, [shutil.which("docker"), "/usr/bin/docker"])):
+        version = subprocess.run([cli, "version", "--format", "{{.Client.Version}}"], capture_output=True,
+                                 text=True).stdout
+        if re.match(r"(1\d|2[0-2])\.", version):
+            return [cli, "build"], {"DOCKER_BUILDKIT": "1"}
+    return None
+
+
+def test_buildkit_sends_the_context_the_config_checks_compute(tmp_path):
+    """What BuildKit sends from the repository with Dockerfile.dockerignore = context.context_files(),
+    the list the checks in `make test` reason about (and the build below copies)."""
+    build = buildkit_build()
+    if build is None:
+        pytest.skip("no BuildKit here (docker buildx, or a docker CLI < 23 with DOCKER_BUILDKIT=1)")
+    cmd, env = build
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY . /ctx/\n")
+    shutil.copy(context.IGNORE_FILE, tmp_path / "Dockerfile.dockerignore")
+    tag = f"engram-serve-context-probe:{uuid.uuid4().hex[:8]}"
+    done = subprocess.run([*cmd, "-q", "-f", str(tmp_path / "Dockerfile"), "-t", tag, str(REPO)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    box = docker("create", tag, "/none").stdout.strip()
+    try:
+        listing = subprocess.run(f"docker export {box} | tar -t", shell=True, capture_output=True, text=True).stdout
+    finally:
+        docker("rm", box)
+        docker("rmi", tag)
+    sent = sorted(f[len("ctx/"):] for f in listing.splitlines() if f.startswith("ctx/") and not f.endswith("/"))
+    assert sent == context.context_files()
+
+
 def torch_wheel_dir() -> Path | None:
     """A folder holding the CPU torch wheel the Dockerfile pins, if this machine has one."""
     version = arg_defaults()["TORCH_SPEC"].split("==")[1]
@@ -52,18 +90,30 @@ def torch_wheel_dir() -> Path | None:
     return None
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="module")
 def torch_index(tmp_path_factory):
-    """TORCH_INDEX for the build: a one-package index over HTTP on loopback, or the Dockerfile's."""
+    """TORCH_INDEX for the build: the Dockerfile's, or where this machine has the wheel but not the
+    index, a stand-in for it over HTTP on loopback: the wheel and its dependencies (pip download)."""
     wheels = torch_wheel_dir()
     if wheels is None:
         yield None
         return
     root = tmp_path_factory.mktemp("torch-index")
-    (root / "torch").mkdir()
-    for wheel in wheels.glob("torch-*.whl"):
-        (root / "torch" / wheel.name).symlink_to(wheel)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    version = arg_defaults()["TORCH_SPEC"].split("==")[1]
+    (wheel,) = wheels.glob(f"torch-{version}+cpu-*.whl")
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(root / "all"), str(wheel)],
+                         capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stderr[-2000:]
+    for file in (root / "all").glob("*.whl"):  # PEP 503: one folder per normalised project name
+        project = root / re.sub(r"[-_.]+", "-", file.name.split("-")[0]).lower()
+        project.mkdir(exist_ok=True)
+        file.rename(project / file.name)
+    handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/"
