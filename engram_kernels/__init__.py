@@ -90,14 +90,17 @@ def available() -> bool:
     return native() is not None
 
 
-_portable = threading.local()
+class _Portable(threading.local):
+    on = False  # inside disabled(), in this thread
+
+
+_portable = _Portable()
 
 
 @contextlib.contextmanager
 def disabled():
     """Torch ops only in this thread while inside: the GPU's code path, run on CPU tensors."""
-    before = getattr(_portable, "on", False)
-    _portable.on = True
+    before, _portable.on = _portable.on, True
     try:
         yield
     finally:
@@ -107,9 +110,13 @@ def disabled():
 def enabled(*tensors: torch.Tensor) -> bool:
     """Whether this call may use the kernels: they are built, not disabled() here, autograd is
     not recording and every tensor given is on the CPU (CUDA tensors, and fake ones, take the
-    torch ops)."""
-    return (not torch.is_grad_enabled() and not getattr(_portable, "on", False)
-            and all(t.device.type == "cpu" for t in tensors) and available())
+    torch ops). Called a hundred times a decode step: a loop, not a generator."""
+    if _portable.on or torch.is_grad_enabled() or native() is None:
+        return False
+    for t in tensors:
+        if not t.is_cpu:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
