@@ -4,8 +4,8 @@ All in one process, on SmolLM2-135M and the default corpus's split (`train.defau
 stdlib and installed packages, a fifth of the projects held out whole), each run starting from
 a fresh `engram-init` checkpoint with the same tokens and data order:
 
-1. variants of the default recipe, one change each (initial rows, row dropout, table size,
-   learning rate, whole files, the stdlib alone as training text), each scored on the same
+1. variants of the default recipe, one change each (initial rows, row dropout, learning
+   rates, whole files, the stdlib alone as training text), each scored on the same
    in-domain and cross-project windows as it trains;
 2. throughput: training tokens/s vs the frozen backbone's own forward+backward tokens/s
    (backward to the token embeddings, no weight gradients), timed side by side.
@@ -46,9 +46,9 @@ VARIANTS: dict[str, dict] = {
     "init-0": {"table_init_scale": 0.0},
     "init-1": {"table_init_scale": 1.0},
     "row-dropout-0.25": {"row_dropout": 0.25},
-    "whole-files": {"file_tokens": 0},
+    "dense-lr-5e-3": {"dense_lr": 5e-3},
     "table-lr-0.3": {"table_lr": 0.3},
-    "rows-32k": {"rows_per_head": 32_768},
+    "whole-files": {"file_tokens": 0},
 }
 
 

@@ -36,7 +36,7 @@ _HELP = {
     "heldout_fraction": "share of the trained projects' FILES held out (the in-domain evaluation)",
     "heldout_projects": "share of PROJECTS (top-level folders of the corpus paths) held out whole "
                         "(the cross-project evaluation)",
-    "file_tokens": "tokens read from the start of each training file; 0 reads whole files",
+    "file_tokens": "tokens read from each training file (a run at a fixed place in it); 0 reads whole files",
     "eval_every": "steps between held-out evaluations",
     "eval_tokens": "held-out tokens scored per evaluation",
     "ckpt_every": "steps between atomic checkpoints",

@@ -10,6 +10,7 @@ function of the corpus.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sysconfig
@@ -45,6 +46,12 @@ class CorpusFile:
     @property
     def is_jsonl(self) -> bool:
         return self.path.suffix == JSONL_SUFFIX
+
+
+def key_score(name: str) -> float:
+    """A stable uniform number in [0, 1) per name: what decides a file's or project's side of the
+    split, and where a capped file's share starts."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
 
 
 def discover(paths: Sequence[str | os.PathLike], suffixes: frozenset[str] = TEXT_SUFFIXES) -> list[CorpusFile]:
@@ -146,7 +153,8 @@ def tokenize_files(files: Sequence[CorpusFile], encode: Encode, eos_id: int,
 
     `explicit` holds keys of files the user named directly (read strictly); undecodable
     files found by walking a folder are appended to `skipped`. `per_file_tokens` caps each
-    file's share (the file's beginning), so a small sample spans many files.
+    file's share: a run of that many tokens starting at a fixed place drawn from the file's key
+    (a file's start alone is licence headers and imports), so a small sample spans many files.
     """
     parts: list[np.ndarray] = []
     used: list[CorpusFile] = []
@@ -158,7 +166,8 @@ def tokenize_files(files: Sequence[CorpusFile], encode: Encode, eos_id: int,
                 skipped.append(f.key)
             continue
         ids = [t for doc in (encode(docs) if docs else []) for t in [*doc, eos_id]]
-        part = np.asarray(ids[:per_file_tokens], dtype=np.int32)
+        start = int(key_score(f.key) * max(0, len(ids) - per_file_tokens)) if per_file_tokens else 0
+        part = np.asarray(ids[start:start + per_file_tokens if per_file_tokens else None], dtype=np.int32)
         if not len(part):
             continue
         parts.append(part)

@@ -4,7 +4,7 @@ Corpus: this interpreter's standard library and the packages installed in its en
 (Python sources and docs, deduplicated; every package, and every stdlib package, a project).
 A fifth of the projects is held out whole, so the figure the run reports measures transfer to
 code it never saw (cross-project), beside held-out files of the trained projects (in-domain).
-Training reads projects in rounds and at most FILE_TOKENS from each file, so the ~1M tokens
+Training reads projects in rounds and at most `file_tokens` from each file, so the ~1M tokens
 the budget allows span every trained project instead of the biggest few.
 
 Memory: Engram layers 1 and 15, orders 2-3, 8 heads x 64 dims per order, ~2.1M rows per layer

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from train.corpus import CorpusError, CorpusFile, Encode, TokenStream, tokenize_files
+from train.corpus import CorpusError, CorpusFile, Encode, TokenStream, key_score, tokenize_files
 
 DISTINCT_LINE = 32          # shorter lines ("return self", "else:") are common to all code
 
@@ -71,16 +71,11 @@ class CorpusSplit:
         os.replace(tmp, path)
 
 
-def score(name: str) -> float:
-    """A stable uniform number in [0, 1) per name: what decides which side it falls on."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
-
-
 def _held_side(names: Sequence[str], fraction: float) -> set[str]:
     """The names scoring below `fraction`; with tiny sets at least one on each side."""
-    held = {n for n in names if score(n) < fraction}
+    held = {n for n in names if key_score(n) < fraction}
     if len(names) >= 2 and fraction > 0:
-        order = sorted(names, key=score)
+        order = sorted(names, key=key_score)
         if not held:
             held = {order[0]}
         elif len(held) == len(names):
@@ -169,8 +164,8 @@ def interleave_projects(files: Sequence[CorpusFile], seed: int) -> list[CorpusFi
 
 def train_stream(split: CorpusSplit, encode: Encode, eos_id: int, explicit: frozenset[str], tokens: int,
                  seed: int, file_tokens: int | None) -> TokenStream:
-    """The training tokens: the train files with projects in rounds (seeded), each file's first
-    `file_tokens` (None: whole files), read only up to the `tokens` the run needs."""
+    """The training tokens: the train files with projects in rounds (seeded), at most `file_tokens`
+    of each (None: whole files), read only up to the `tokens` the run needs."""
     return tokenize_files(interleave_projects(split.train, seed), encode, eos_id, explicit, split.skipped,
                           max_tokens=tokens, per_file_tokens=file_tokens)
 

@@ -58,7 +58,7 @@ class TrainConfig:
     row_dropout: float = 0.0                  # share of looked-up (position, head) rows zeroed in a training step
     heldout_fraction: float = 0.05            # share of the trained projects' files held out (in-domain)
     heldout_projects: float = 0.0             # share of projects held out whole (cross-project); see train.split
-    file_tokens: int = 0                      # tokens read from the start of each train file (0: whole files)
+    file_tokens: int = 0                      # tokens read from each train file (0: whole files)
     eval_every: int = 50                      # steps between held-out evaluations
     eval_tokens: int = 16_384                 # held-out tokens scored per held-out set at each evaluation
     ckpt_every: int = 100                     # steps between atomic checkpoints

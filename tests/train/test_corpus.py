@@ -103,3 +103,18 @@ def test_window_schedule_is_a_pure_function_of_the_step():
     assert np.array_equal(a.batch(30), b.batch(30)) and np.array_equal(a.batch(7), b.batch(7))
     assert not np.array_equal(a.batch(0), a.batch(25))                  # a new permutation per epoch
     assert eval_windows(stream, 100, 250).shape == (2, 100)
+
+
+def test_a_capped_file_gives_a_fixed_run_from_anywhere_in_it(tmp_path):
+    files = []
+    for i in range(8):
+        (tmp_path / f"f{i}.txt").write_text(" ".join(str(k) for k in range(100)))
+        files += discover([tmp_path / f"f{i}.txt"])
+    full = _encode([files[0].path.read_text()])[0] + [2]
+    starts = set()
+    for f in files:
+        part = tokenize_files([f], _encode, 2, per_file_tokens=10).tokens.tolist()
+        start = next(s for s in range(len(full) - 9) if full[s:s + 10] == part)
+        assert part == tokenize_files([f], _encode, 2, per_file_tokens=10).tokens.tolist()
+        starts.add(start)
+    assert len(starts) > 4 and max(starts) > 100           # not every file's first tokens
