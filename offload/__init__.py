@@ -1,4 +1,4 @@
-"""offload: where Engram tables live (device | host | mmap) and how their rows reach the compute.
+"""offload: where Engram tables live (device | host | shared | mmap) and how their rows reach the compute.
 
 Storage only: it is handed global row ids and returns rows. It never sees a token, a hidden
 state or a weight (engram_runtime hashes tokens into row ids and computes with the rows).

@@ -31,6 +31,7 @@ import torch
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _CUDA_HOST_REGISTER_PORTABLE_MAPPED = 0x03  # pinned for every context, mapped for UVA reads
+_CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly: the pages are mapped PROT_READ
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -263,12 +264,14 @@ class ComputeDevice:
         return tensor
 
     @staticmethod
-    def register_host(tensor: torch.Tensor, label: str) -> None:
+    def register_host(tensor: torch.Tensor, label: str, read_only: bool = False) -> None:
         """Page-lock an existing host buffer in place (no copy), mapped into the device's address
-        space (UVA), unregistered when the tensor is freed. label names it in errors."""
+        space (UVA), unregistered when the tensor is freed. label names it in errors; read_only:
+        the buffer is a read-only mapping (a shared table copy), which CUDA must be told of."""
         cudart, ptr = torch.cuda.cudart(), tensor.data_ptr()
         nbytes = tensor.numel() * tensor.element_size()
-        err = cudart.cudaHostRegister(ptr, nbytes, _CUDA_HOST_REGISTER_PORTABLE_MAPPED)
+        flags = _CUDA_HOST_REGISTER_PORTABLE_MAPPED | (_CUDA_HOST_REGISTER_READ_ONLY if read_only else 0)
+        err = cudart.cudaHostRegister(ptr, nbytes, flags)
         if int(err) != 0:
             raise PinningError.of(label, nbytes, err)
         weakref.finalize(tensor, cudart.cudaHostUnregister, ptr)

@@ -1,8 +1,11 @@
-"""Table store: where each Engram table lives (device | host | mmap) and how rows are gathered from it.
+"""Table store: where each Engram table lives (device | host | shared | mmap) and how rows are gathered from it.
 
 - ``device``: the raw table is one tensor on the compute device (the in-process baseline).
 - ``host``: the raw table in host DRAM, page-locked on CUDA (see ``offload.device``). Loading
   streams the file straight into the final buffer in chunks with a progress bar: never two copies.
+- ``shared``: as ``host`` for the compute path, but the rows are one copy per host in shared
+  memory (``offload.shared``), mapped read-only by every engine process and page-locked by each
+  on CUDA.
 - ``mmap``: the safetensors file mapped read-only at its data offset (``numpy.memmap``, advised
   MADV_RANDOM so a 128-byte row does not pull in readahead), so a table larger than RAM is served
   through the page cache. A DRAM row cache usually sits in front of it.
@@ -34,10 +37,12 @@ import engram_kernels as kernels
 from offload.cache import CacheConfig, RowCache
 from offload.device import ComputeDevice, DeviceError, as_numpy, put_rows, take_rows
 from offload.dtypes import table_dtype
+from offload.shared import SharedCopy, map_shared
 from offload.stats import Gather, TableStats
 from offload.tablefile import TableFileError, TableHeader, check_table, map_rows, read_header
 
-PLACEMENTS = ("device", "host", "mmap")
+PLACEMENTS = ("device", "host", "shared", "mmap")
+HOST_PLACEMENTS = ("host", "shared")  # raw rows in host DRAM, read alike by every backend
 _LOAD_CHUNK = 64 << 20
 _STAGING_SLOTS = 2
 _MMAP_READ_THREADS = 8      # page faults in flight for a cold mmap gather
@@ -50,12 +55,13 @@ class EngramTable:
 
     def __init__(self, layer_id: int, header: TableHeader, placement: str, device: ComputeDevice,
                  compute_dtype: torch.dtype, stats: TableStats, cache: CacheConfig | None = None,
-                 progress: bool = True, rows: torch.Tensor | None = None):
-        """rows: the raw rows already in memory (TableSet.from_tensors), instead of the header's file."""
+                 progress: bool = True, rows: torch.Tensor | None = None, users_fd: int | None = None):
+        """rows: the raw rows already in memory (TableSet.from_tensors), instead of the header's file;
+        users_fd: placement shared, the hold on the shared copy (SharedCopy.attach), released by close()."""
         if placement not in PLACEMENTS:
             raise ValueError(f"unknown table placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
-        if rows is not None and placement == "mmap":
-            raise ValueError("an in-memory table cannot be mapped from a file (placement mmap)")
+        if rows is not None and placement in ("mmap", "shared"):
+            raise ValueError(f"an in-memory table cannot be mapped from a file (placement {placement})")
         self.layer_id, self.header, self.placement = layer_id, header, placement
         self.device, self.compute_dtype, self.stats = device, compute_dtype, stats
         self.num_rows, self.head_dim, self.dtype = header.num_rows, header.head_dim, header.dtype
@@ -65,7 +71,12 @@ class EngramTable:
         self._next_slot = 0
         self._fd: int | None = None
         self._view: tuple[torch.Tensor, object] | None = None  # device_rows(), made on first use
-        if placement == "mmap":
+        self._users_fd = users_fd
+        if placement == "shared":
+            self._tier = map_shared(header)
+            if device.pinned:
+                device.register_host(self._tier, f"shared table {header.path}", read_only=True)
+        elif placement == "mmap":
             self._rows_np = map_rows(header)
             self._rows_np._mmap.madvise(mmap.MADV_RANDOM)
             self._fd = os.open(header.path, os.O_RDONLY)
@@ -77,7 +88,7 @@ class EngramTable:
         # gathered by one native call (and by the native prefetch worker): CPU memory, no cache
         self.native = (self._tier is not None and not device.is_cuda and self.cache is None
                        and compute_dtype in (torch.float32, torch.bfloat16) and kernels.available())
-        label = "host_pinned" if placement == "host" and device.pinned else placement
+        label = f"{placement}_pinned" if placement in HOST_PLACEMENTS and device.pinned else placement
         table_bytes = {label: header.file_nbytes - header.data_offset}
         if self.cache is not None:
             table_bytes["cache"] = self.cache.nbytes
@@ -269,6 +280,9 @@ class EngramTable:
             self._readers.shutdown()
             os.close(self._fd)
             self._fd = None
+        if self._users_fd is not None:
+            os.close(self._users_fd)
+            self._users_fd = None
 
 
 def check_room(need: int, free: int, total: int, device: torch.device) -> None:
@@ -290,7 +304,9 @@ class TableSet:
              compute_dtype: torch.dtype = torch.float32, cache_rows: int = 0, verify_hash: bool = False,
              cache_bytes: int = 0, cache_policy: str = "lru", pin_memory: bool | None = None,
              progress: bool = True) -> "TableSet":
-        """Check every table file against its manifest entry (size always, sha256 if asked) and load it."""
+        """Check every table file against its manifest entry (size always, sha256 if asked) and load
+        it. Placement shared checks the sha256 of the shared copy instead (offload.shared): it is
+        verified when the copy is written, and fully again on attach only if asked."""
         if placement not in PLACEMENTS:
             raise ValueError(f"unknown table placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
         compute_device = device if isinstance(device, ComputeDevice) else ComputeDevice(device, pin_memory)
@@ -302,9 +318,14 @@ class TableSet:
         tables: dict[int, EngramTable] = {}
         for layer_id, entry in sorted(tables_manifest.items(), key=lambda kv: int(kv[0])):
             path = Path(ckpt_dir) / entry["file"]
-            check_table(path, entry, verify_hash=verify_hash)
+            check_table(path, entry, verify_hash=verify_hash and placement != "shared")
+            users_fd = None
+            if placement == "shared":
+                copy = SharedCopy.of(entry)
+                users_fd = copy.attach(path, verify=verify_hash)
+                path = copy.path
             tables[int(layer_id)] = EngramTable(int(layer_id), read_header(path), placement, compute_device,
-                                                compute_dtype, stats, cache, progress)
+                                                compute_dtype, stats, cache, progress, users_fd=users_fd)
         return cls(tables, compute_device, stats)
 
     @classmethod

@@ -8,7 +8,7 @@ from offload.dtypes import table_dtype
 from offload import store
 from offload.store import TableSet
 
-CONFIGS = [("device", 0), ("host", 0), ("host", 50), ("mmap", 0), ("mmap", 50)]
+CONFIGS = [("device", 0), ("host", 0), ("host", 50), ("shared", 0), ("shared", 50), ("mmap", 0), ("mmap", 50)]
 
 
 def _steps(ckpt, n_steps=6, seed=1):
