@@ -29,7 +29,7 @@ from engram_runtime.hashing import NgramHasher
 from engram_runtime.model_runner import Chunk, ModelRunner
 from engram_runtime.native_prefetch import NativePrefetcher
 from engram_runtime.prefetch import Prefetcher
-from offload.store import TableSet
+from offload.store import HOST_PLACEMENTS, TableSet
 
 HOST_READS = ("uva", "staging")  # how a GPU reads tables in host memory: itself, or copies staged by CPU threads
 
@@ -53,7 +53,7 @@ class EngramRunner:
         self.conv_states = {lid: layer.new_conv_state(num_slots) for lid, layer in self.layers.items()}
         self.weights: dict[int, ServingWeights] = {}
         self.backends: list[DeviceEngram | NativePrefetcher | Prefetcher] = []
-        staged = host_read == "staging" and any(tables[lid].placement == "host" for lid in tables.layer_ids)
+        staged = host_read == "staging" and any(tables[lid].placement in HOST_PLACEMENTS for lid in tables.layer_ids)
         if self.device.portable and not staged and DeviceEngram.supports(tables):
             self.backends.append(DeviceEngram(tables, hasher, num_slots, dtype, prefetch))
         elif prefetch and NativePrefetcher.supports(tables):
