@@ -134,6 +134,7 @@ class SharedCopy:
                 while block := src.read(_COPY_BLOCK):
                     digest.update(block)
                     dst.write(block)
+                os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # the checkpoint need not stay cached too
             if digest.hexdigest() != self.sha256:
                 raise TableFileError(f"table file {source} has sha256 {digest.hexdigest()}, the manifest says "
                                      f"{self.sha256}; not sharing it")

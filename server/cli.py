@@ -15,8 +15,12 @@ import sys
 from pathlib import Path
 
 from engram_runtime.engine import EngineConfig
+from offload.shared import DIR_ENV as SHARED_DIR_ENV
+from offload.shared import drop_unused
+from offload.store import PLACEMENTS
 
 from server.config import ServerConfig
+from server import data_parallel
 
 ENV_PREFIX = "ENGRAM_SERVE_"
 TRUE = {"1", "true", "yes", "on"}
@@ -80,8 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--default-engram-vocab-size", type=int, default=None, metavar="ROWS",
                    help="rows per head of the default checkpoint when it is created (default: engram-init's, "
                    "5 x the backbone vocabulary; about 1 GB of bfloat16 tables)")
-    e.add_argument("--table-placement", default="host", choices=["device", "host", "mmap"],
-                   help="where the tables live")
+    e.add_argument("--table-placement", default=None, choices=list(PLACEMENTS),
+                   help="where the tables live: device (GPU memory), host (this process's DRAM), shared (one "
+                   "copy per host in shared memory, mapped by every engine process), mmap (the file, through the "
+                   "page cache) (default: host, shared with --data-parallel-size above 1)")
+    e.add_argument("--shared-table-dir", default=None, metavar="DIR", help="where placement shared keeps the "
+                   "copies (default: /dev/shm/engram-serve)")
+    e.add_argument("--drop-shared-tables", action="store_true", help="remove the shared table copies no running "
+                   "process uses, then exit")
     e.add_argument("--table-dtype", default=None, choices=["float32", "bfloat16", "fp8_e4m3"],
                    help="table dtype to serve (default: as stored)")
     e.add_argument("--engram-host-read", default="uva", choices=["uva", "staging"], help="on CUDA, how the GPU "
@@ -92,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--verify-tables", action="store_true", help="check the tables' sha256 at start (slow for "
                    "large tables; file sizes are always checked)")
     s = p.add_argument_group("scheduling")
+    s.add_argument("--data-parallel-size", type=int, default=1, help="engine processes behind the one port, "
+                   "each with its share of the cores, all mapping one shared copy of the tables "
+                   "(docs/scaleout.md)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
     s.add_argument("--max-num-batched-tokens", type=int, default=4096, help="token budget of one engine step")
     s.add_argument("--max-queue", type=int, default=256, help="sequences allowed to wait beyond --max-num-seqs; "
@@ -113,7 +126,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         value = getattr(args, action.dest, None)
         if action.choices is not None and value is not None and value not in action.choices:
             parser.error(f"{action.option_strings[-1]} {value}: choose from {', '.join(action.choices)}")
-    for name in ("max_num_seqs", "max_num_batched_tokens", "port") + (("threads",) if args.threads is not None else ()):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "port", "data_parallel_size") + (("threads",) if args.threads is not None else ()):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue < 0 or args.cache_rows < 0 or args.shutdown_timeout < 0:
@@ -128,6 +141,19 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--model {args.model}: no such file or directory")
     if args.engram is not None and args.no_engram:
         parser.error("--engram and --no-engram exclude each other")
+    if args.data_parallel_size > 1 and args.port + args.data_parallel_size > 65535:
+        parser.error(f"--port {args.port}: the workers' own ports {args.port + 1}.. must stay below 65536")
+
+
+def _placement(args: argparse.Namespace) -> str:
+    """Several engines share one copy of the tables unless the user placed them elsewhere."""
+    if args.table_placement is not None:
+        if args.table_placement == "host" and args.data_parallel_size > 1:
+            logging.getLogger("engram_serve").warning(
+                "--table-placement host with --data-parallel-size %d: every engine loads its own copy of the "
+                "tables (placement shared keeps one per host)", args.data_parallel_size)
+        return args.table_placement
+    return "shared" if args.data_parallel_size > 1 else "host"
 
 
 def _engram_dir(args: argparse.Namespace) -> str | None:
@@ -165,7 +191,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     engram = _engram_dir(args)
     _check_checkpoint(engram)
     engine = EngineConfig(model=args.model, engram=engram, device=args.device, dtype=args.dtype,
-                          table_placement=args.table_placement, table_dtype=args.table_dtype,
+                          table_placement=_placement(args), table_dtype=args.table_dtype,
                           engram_host_read=args.engram_host_read, cache_rows=args.cache_rows,
                           prefetch=not args.no_prefetch, verify_tables=args.verify_tables,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -189,12 +215,47 @@ def set_compute_threads(threads: int | None) -> None:
     logging.getLogger("engram_serve").info("torch compute threads: %d", threads)
 
 
+def drop_shared_tables() -> int:
+    removed, in_use = drop_unused()
+    for path in removed:
+        print(f"removed {path}")
+    for path in in_use:
+        print(f"kept {path}: a running process maps it")
+    return 0
+
+
+def _serve_data_parallel(args: argparse.Namespace, argv: list[str], engine: EngineConfig,
+                         server: ServerConfig) -> int:
+    """The supervisor, or (data_parallel.WORKER_ENV set) one worker on its own cores. The workers
+    get the checkpoint and placement the supervisor resolved, so they never race to create the
+    default checkpoint."""
+    rank = data_parallel.worker_rank()
+    if rank is None:
+        resolved = (["--engram", engine.engram] if engine.engram else []) + ["--table-placement", engine.table_placement]
+        return data_parallel.Supervisor(args.data_parallel_size, [*argv, *resolved], server).run()
+    cores = data_parallel.core_sets(args.data_parallel_size)[rank]
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+    logging.getLogger("engram_serve").info("engine worker %d: cpus %s", rank, cores or "all (fewer cores than workers)")
+    set_compute_threads(args.threads or len(cores or [0]))
+    return data_parallel.serve_worker(engine, server, rank)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     _check(args, parser)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    rank = data_parallel.worker_rank() if args.data_parallel_size > 1 else None
+    worker = f"[worker {rank}] " if rank is not None else ""
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(levelname)s:     {worker}%(name)s: %(message)s")
+    if args.shared_table_dir is not None:
+        os.environ[SHARED_DIR_ENV] = args.shared_table_dir  # read where the tables open (offload.shared)
+    if args.drop_shared_tables:
+        return drop_shared_tables()
     engine_config, server_config = configs(args)
+    if args.data_parallel_size > 1:
+        return _serve_data_parallel(args, argv, engine_config, server_config)
     set_compute_threads(args.threads)
     from server.runner import serve
     return serve(engine_config, server_config)

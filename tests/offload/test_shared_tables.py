@@ -23,6 +23,7 @@ from offload.device import ComputeDevice
 from offload.shared import SharedCopy, drop_unused
 from offload.store import TableSet
 from offload.tablefile import TableFileError
+from tests.smaps import mapping_kb
 
 LARGE = {1: [4099, 4111, 4127, 4129]}  # 16466 rows x 64 float32: a 4.2 MB table
 ROWS = np.arange(0, 16466, 97)
@@ -64,17 +65,6 @@ class Holder:
         self.proc.wait()
 
 
-def _mapping_kb(pid: int, path: Path) -> dict[str, int]:
-    """Rss and Pss (kB) of the mapping of `path` in process `pid`."""
-    out, inside = {"Rss": 0, "Pss": 0}, False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-            inside = line.endswith(str(path))
-        elif inside and fields[0].rstrip(":") in out:
-            out[fields[0].rstrip(":")] += int(fields[1])
-    return out
-
 
 def _wait_for(log: Path, text: str, timeout: float = 60) -> None:
     deadline = time.time() + timeout
@@ -96,7 +86,7 @@ def test_processes_map_one_copy_counted_once(ckpt_factory, tmp_path):
     try:
         assert all(h.ready() == pytest.approx(_expected(ckpt)) for h in holders)
         table_kb = copy.nbytes / 1024
-        usage = [_mapping_kb(h.proc.pid, copy.path) for h in holders]
+        usage = [mapping_kb(h.proc.pid, copy.path) for h in holders]
         assert all(u["Rss"] >= 0.99 * table_kb for u in usage), usage
         assert sum(u["Pss"] for u in usage) == pytest.approx(table_kb, rel=0.02), usage
     finally:
