@@ -236,6 +236,15 @@ class LLMEngine:
         """fn(step_seconds, num_tokens) is called from the engine thread after every step."""
         self._step_observers.append(fn)
 
+    def check_health(self) -> str | None:
+        """Why this engine cannot serve now, in words without server paths, or None (vLLM's name;
+        a reason instead of an exception, for a readiness body): its loop thread died, or its
+        Engram memory cannot be read (EngramRunner.check_health). Whether a step is stuck is the
+        caller's to judge from the step observers, against its own timeout."""
+        if self._thread is not None and not self._thread.is_alive():
+            return "the engine loop has stopped"
+        return self.engram.check_health() if self.engram is not None else None
+
     def shutdown(self) -> None:
         with self._lock:
             self._stopping = True

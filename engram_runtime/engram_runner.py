@@ -18,6 +18,8 @@ backend:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engram_runtime.checkpoint import load_checkpoint
@@ -101,6 +103,19 @@ class EngramRunner:
             elif isinstance(backend, DeviceEngram):
                 backend.start(self.weights)
 
+    def check_health(self) -> str | None:
+        """Why this memory cannot be served now, in words without server paths, or None: a table
+        file that the mmap tier serves from was removed or changed size (every gather of it would
+        fail), or a backend's worker stopped. Cheap: readiness probes call it every few seconds."""
+        for layer_id in self.tables.layer_ids:
+            table = self.tables[layer_id]
+            if table.placement == "mmap" and not _file_intact(table.header.path, table.header.file_nbytes):
+                return f"the Engram table of layer {layer_id} is unreadable: its file was removed or changed size"
+        for backend in self.backends:
+            if isinstance(backend, Prefetcher) and (problem := backend.check_health()) is not None:
+                return problem
+        return None
+
     def _project(self, layer_id: int, rows: torch.Tensor) -> torch.Tensor:
         return self.weights[layer_id].project(rows)
 
@@ -136,3 +151,11 @@ class EngramRunner:
         for backend in self.backends:
             backend.close()
         self.tables.close()
+
+
+def _file_intact(path, nbytes: int) -> bool:
+    """Whether the file is still there with the size it was mapped at."""
+    try:
+        return os.stat(path).st_size == nbytes
+    except OSError:
+        return False

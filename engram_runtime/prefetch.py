@@ -123,6 +123,13 @@ class Prefetcher:
     def worker_alive(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
 
+    def check_health(self) -> str | None:
+        """Why this backend cannot serve, or None: a worker that was started and is gone (not
+        closed) leaves every later step waiting for rows that never come."""
+        if self._worker is not None and not self._closed and not self._worker.is_alive():
+            return "the Engram prefetch worker has stopped"
+        return None
+
     def takes(self, step: StepTokens) -> bool:
         """Any step: this is the backend of last resort."""
         return True
