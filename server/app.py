@@ -1,7 +1,8 @@
 """The FastAPI application: routes, auth, lifespan (engine load in the background), metrics.
 
 The app listens before the model is loaded so orchestrators can watch /health (503 while
-loading or draining, 200 when ready); generation routes answer 503 meanwhile.
+loading, draining or unable to serve, 200 when ready; server/health.py); generation routes
+answer 503 meanwhile. Every response carries the request's X-Request-Id (server/request_id.py).
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engram_runtime.engine import EngineConfig
 
+from server import health
 from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.config import ServerConfig
-from server.engine_client import EngineClient, State
+from server.engine_client import EngineClient
 from server.errors import APIError, error_response, install_error_handlers
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.request_id import RequestIdMiddleware
 
 logger = logging.getLogger("engram_serve")
 
@@ -78,14 +81,6 @@ def _api_router(server_config: ServerConfig) -> APIRouter:
 def _ops_router() -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health")
-    async def health(request: Request):
-        client = _client(request)
-        body = {"status": client.state.value}
-        if client.state is State.FAILED:
-            body["error"] = client.load_error
-        return JSONResponse(body, status_code=200 if client.state is State.READY else 503)
-
     @router.get("/version")
     async def version_info(request: Request):
         client = _client(request)
@@ -136,8 +131,10 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
                   description="OpenAI-compatible inference server for models with DeepSeek Engram memory.")
     app.state.client = client
     app.state.on_load_failure = lambda exc: None  # the CLI's runner replaces this to exit the process
+    app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(_api_router(server_config))
+    app.include_router(health.router)
     app.include_router(_ops_router())
     _include_dashboard(app)
     return app

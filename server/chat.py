@@ -10,12 +10,13 @@ from fastapi.responses import JSONResponse
 
 from server.engine_client import EngineClient, Generation
 from server.errors import APIError
-from server.generation import (SSE_DONE, SSEResponse, TokenText, check_model, engine_error, gate_entries, new_id,
+from server.generation import (SSE_DONE, SSEResponse, TokenText, check_model, engine_error, gate_entries, response_id,
                                resolve_max_tokens, sampling_params, sse, sse_error, unless_disconnected,
                                without_gates)
 from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                              ChatDelta, ChatLogprobs, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
                              GateEntry, TopLogprob, UsageInfo)
+from server.request_id import request_id
 
 
 def render_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
@@ -61,17 +62,18 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, c
                                     "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     seqs = [(prompt_ids, sampling_params(req, client, max_tokens, logprobs, j)) for j in range(req.n)]
-    request_id = new_id("chatcmpl")
-    generation = client.generate(request_id, seqs)
+    rid = request_id(request)
+    completion_id = response_id("chatcmpl", rid)
+    generation = client.generate(rid, seqs)
     generation.start()
     token_text = TokenText(engine.tokenizer)
     if req.stream:
-        return SSEResponse(_stream(req, generation, request_id, client.model_name, len(prompt_ids), token_text),
+        return SSEResponse(_stream(req, generation, completion_id, client.model_name, len(prompt_ids), token_text),
                            generation)
     choices = await unless_disconnected(request, generation, _collect(req, generation, token_text))
     completion_tokens = sum(c.output_tokens for c in choices)
     response = ChatCompletionResponse(
-        id=request_id, model=client.model_name,
+        id=completion_id, model=client.model_name,
         choices=[ChatChoice(index=i, message=ChatResponseMessage(content="".join(c.text)),
                             logprobs=c.logprobs if req.logprobs else None, finish_reason=c.finish_reason,
                             engram_gates=c.gates if req.engram_gates else None)
@@ -84,7 +86,7 @@ async def _collect(req: ChatCompletionRequest, generation: Generation, token_tex
     choices = [_Choice() for _ in range(req.n)]
     async for i, out in generation:
         if out.finish_reason == "error":
-            raise engine_error(out)
+            raise engine_error(out, generation)
         c = choices[i]
         c.text.append(out.new_text)
         if req.logprobs and out.logprobs:
@@ -97,14 +99,14 @@ async def _collect(req: ChatCompletionRequest, generation: Generation, token_tex
     return choices
 
 
-async def _stream(req: ChatCompletionRequest, generation: Generation, request_id: str, model: str,
+async def _stream(req: ChatCompletionRequest, generation: Generation, completion_id: str, model: str,
                   prompt_tokens: int, token_text: TokenText):
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     output_tokens = [0] * req.n
 
     def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
-        body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage)
+        body = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=choices, usage=usage)
         data = body.model_dump(exclude=None if include_usage else {"usage"})
         for choice in data["choices"]:  # OpenAI sends the role only in a choice's first delta
             if choice["delta"]["role"] is None:
@@ -118,7 +120,7 @@ async def _stream(req: ChatCompletionRequest, generation: Generation, request_id
         yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
     async for i, out in generation:
         if out.finish_reason == "error":
-            yield sse_error(engine_error(out))
+            yield sse_error(engine_error(out, generation))
             yield SSE_DONE
             return
         output_tokens[i] = out.num_output_tokens

@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse
 from server.engine_client import EngineClient, Generation
 from server.errors import APIError
 from server.generation import (SSE_DONE, SSEResponse, TokenText, check_model, check_token_ids, engine_error,
-                               gate_entries, new_id, resolve_max_tokens, sampling_params, sse, sse_error,
+                               gate_entries, response_id, resolve_max_tokens, sampling_params, sse, sse_error,
                                unless_disconnected, without_gates)
 from server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                              GateEntry, UsageInfo)
+from server.request_id import request_id
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for legacy completions
 
@@ -75,17 +76,18 @@ async def create_completion(req: CompletionRequest, request: Request, client: En
     client.check_available()
     check_model(req.model, client)
     prompts, seqs, echoes = _plan(req, client)
-    request_id = new_id("cmpl")
-    generation = client.generate(request_id, seqs)
+    rid = request_id(request)
+    completion_id = response_id("cmpl", rid)
+    generation = client.generate(rid, seqs)
     generation.start()
     prompt_tokens = sum(len(ids) for ids, _ in prompts)
     token_text = TokenText(client.engine.tokenizer)
     if req.stream:
-        return SSEResponse(_stream(req, generation, request_id, client.model_name, echoes, prompt_tokens,
+        return SSEResponse(_stream(req, generation, completion_id, client.model_name, echoes, prompt_tokens,
                                    token_text), generation)
     choices = await unless_disconnected(request, generation, _collect(req, generation, echoes, token_text))
     response = CompletionResponse(
-        id=request_id, model=client.model_name,
+        id=completion_id, model=client.model_name,
         choices=[CompletionChoice(index=i, text="".join(c.text),
                                   logprobs=c.logprobs if req.logprobs is not None else None,
                                   finish_reason=c.finish_reason,
@@ -104,7 +106,7 @@ async def _collect(req: CompletionRequest, generation: Generation, echoes: list[
     choices = [_Choice(text=[e], chars=len(e)) for e in echoes]
     async for i, out in generation:
         if out.finish_reason == "error":
-            raise engine_error(out)
+            raise engine_error(out, generation)
         c = choices[i]
         if req.logprobs is not None and out.logprobs:
             delta = _logprobs(out, token_text, c.chars)
@@ -120,7 +122,7 @@ async def _collect(req: CompletionRequest, generation: Generation, echoes: list[
     return choices
 
 
-async def _stream(req, generation: Generation, request_id: str, model: str, echoes: list[str],
+async def _stream(req, generation: Generation, completion_id: str, model: str, echoes: list[str],
                   prompt_tokens: int, token_text: TokenText):
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -128,7 +130,7 @@ async def _stream(req, generation: Generation, request_id: str, model: str, echo
     pending_echo = [bool(e) for e in echoes]
     async for i, out in generation:
         if out.finish_reason == "error":
-            yield sse_error(engine_error(out))
+            yield sse_error(engine_error(out, generation))
             yield SSE_DONE
             return
         c = choices[i]
@@ -142,12 +144,12 @@ async def _stream(req, generation: Generation, request_id: str, model: str, echo
             logprobs=_logprobs(out, token_text, c.chars) if req.logprobs is not None else None,
             engram_gates=gate_entries(out, token_text) if req.engram_gates else None)
         c.chars += len(out.new_text)
-        chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+        chunk = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
                  "choices": [choice.model_dump(exclude=without_gates(req.engram_gates, nested=False))]}
         if include_usage:
             chunk["usage"] = None
         yield sse(chunk)
     if include_usage:
-        yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+        yield sse({"id": completion_id, "object": "text_completion", "created": created, "model": model,
                    "choices": [], "usage": _usage(prompt_tokens, choices).model_dump()})
     yield SSE_DONE

@@ -16,6 +16,9 @@ class ServerConfig:
     max_queue: int = 256
     # Seconds in-flight requests get to finish after SIGTERM before they are aborted.
     shutdown_timeout: float = 30.0
+    # Seconds without a finished engine step while sequences wait before /health answers 503
+    # (vLLM's VLLM_ENGINE_ITERATION_TIMEOUT_S): well above the longest step, a full prefill chunk.
+    engine_iteration_timeout: float = 60.0
     # Name clients use in the `model` field; default: the engine's model name.
     served_model_name: str | None = None
     log_level: str = "info"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import AsyncIterator
@@ -61,8 +62,8 @@ class Generation:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._seqs = seqs
-        self.request_id = request_id
-        self._rids = [f"{request_id}-{i}" for i in range(len(seqs))]
+        self.request_id = request_id  # the HTTP request's (X-Request-Id), for logs
+        self._rids: list[str] = []  # the engine's ids: a client's X-Request-Id need not be unique
         self._trackers: list[RequestTracker] = []
         self._unfinished: set[int] = set()
         self._aborted: set[int] = set()
@@ -75,8 +76,7 @@ class Generation:
             for i, (prompt_ids, params) in enumerate(self._seqs):
                 tracker = self._client.metrics.track()
                 self._trackers.append(tracker)
-                self._engine.add_request(prompt_ids, params, on_output=self._callback(i, tracker),
-                                         request_id=self._rids[i])
+                self._rids.append(self._engine.add_request(prompt_ids, params, on_output=self._callback(i, tracker)))
                 self._unfinished.add(i)
         except ValueError as e:  # the engine's own validation; ours should have caught it first
             self.close()
@@ -131,6 +131,11 @@ class Generation:
         self._client._release(len(self._seqs))
 
 
+_UNAVAILABLE = {State.LOADING: ("the model is still loading; retry shortly", "loading"),
+                State.DRAINING: ("the server is shutting down", "draining"),
+                State.FAILED: ("the engine failed to load ({error}); the server log has the details", "engine_failed")}
+
+
 class EngineClient:
     """Owns the engine for the app: state for /health, admission, generations, drain."""
 
@@ -140,7 +145,8 @@ class EngineClient:
         self.engine: LLMEngine | None = None
         self.metrics: ServerMetrics | None = None
         self.state = State.LOADING
-        self.load_error: str | None = None
+        self.load_error: str | None = None  # the exception's type: its text may name server files
+        self.last_progress = time.monotonic()  # when a step last finished, or the idle engine got work
         self.model_name = server_config.served_model_name or "(loading)"
         self.capacity = engine_config.max_num_seqs + server_config.max_queue
         self._inflight = 0
@@ -156,18 +162,27 @@ class EngineClient:
             engine.start()
         except Exception as e:
             self.state = State.FAILED
-            self.load_error = f"{type(e).__name__}: {e}"
-            logger.error("engine failed to load: %s", self.load_error)
+            self.load_error = type(e).__name__
+            logger.error("engine failed to load: %s: %s", self.load_error, e)
             raise
         self.engine = engine
         self.capacity = engine.max_num_seqs + self.server_config.max_queue  # the KV cache may hold fewer (GPU)
         self.model_name = self.server_config.served_model_name or engine.model_name
         self.metrics = ServerMetrics(self.model_name, self._engine_stats, self._table_snapshot)
-        engine.add_step_observer(lambda seconds, _tokens: self.metrics.step.observe(seconds))
+        engine.add_step_observer(self._observe_step)
         if self.state is State.LOADING:
             self.state = State.READY
         logger.info("engine ready: model %s on %s in %s, max_model_len %d, engram layers %s", self.model_name,
                     engine.device.torch_device, engine.dtype, engine.max_model_len, engine.engram_layer_ids or "none")
+
+    def _observe_step(self, seconds: float, _tokens: int) -> None:  # engine thread
+        self.last_progress = time.monotonic()
+        self.metrics.step.observe(seconds)
+
+    def sequences_in_engine(self) -> int:
+        """Sequences the engine runs or has queued (0 before it is loaded)."""
+        stats = self._engine_stats()
+        return stats.num_running + stats.num_waiting if stats is not None else 0
 
     def _engine_stats(self):
         return self.engine.stats() if self.engine is not None else None
@@ -200,11 +215,11 @@ class EngineClient:
     def check_available(self) -> LLMEngine:
         if self.state is State.READY:
             return self.engine
-        messages = {State.LOADING: ("the model is still loading; retry shortly", "loading"),
-                    State.DRAINING: ("the server is shutting down", "draining"),
-                    State.FAILED: (f"the engine failed to load: {self.load_error}", "engine_failed")}
-        message, code = messages[self.state]
-        raise APIError(503, message, code=code)
+        raise APIError(503, self.unavailable_message(), code=_UNAVAILABLE[self.state][1])
+
+    def unavailable_message(self) -> str:
+        """Why requests are refused while not READY, in words without server paths."""
+        return _UNAVAILABLE[self.state][0].format(error=self.load_error)
 
     def generate(self, request_id: str, seqs: list[tuple[list[int], SamplingParams]]) -> Generation:
         """Admit `len(seqs)` sequences or raise 429/503; the caller must `start()` then `close()` it."""
@@ -215,6 +230,8 @@ class EngineClient:
         if self._inflight + len(seqs) > self.capacity:
             raise APIError(429, f"the server's queue is full ({self._inflight} sequences in flight, "
                            f"limit {self.capacity}); retry later", code="queue_full")
+        if not self.sequences_in_engine():  # an idle engine's last step is no measure of a stuck one
+            self.last_progress = time.monotonic()
         self._inflight += len(seqs)
         self._idle.clear()
         return Generation(self, request_id, seqs)

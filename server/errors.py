@@ -2,8 +2,9 @@
 
 OpenAI's SDKs map the HTTP status to an exception class and read `error.message`,
 so the status is what matters for control flow and the message is for humans.
-Handlers here catch everything that can escape a route, including bugs: a bug is
-logged with its traceback on the server and answered with a plain 500.
+Handlers here catch everything that can escape a route, including bugs. A 500 never
+carries an exception's text (it may name server files): the client gets a generic
+message with the request id, the log gets the detail with the same id.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.request_id import HEADER, request_id
 
 logger = logging.getLogger("engram_serve")
 
@@ -41,6 +44,12 @@ class APIError(Exception):
         self.code = code
 
 
+def internal_error(rid: str, code: str = "internal_error") -> APIError:
+    """The 500 a client sees, whatever failed: no detail, the id to quote (OpenAI's wording)."""
+    return APIError(500, f"The server had an error while processing your request. Retry it, or report "
+                    f"request id {rid} to the server's operator if the error persists.", code=code)
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
@@ -50,18 +59,22 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(error_body(err.status, err.message, err.param, err.code), status_code=err.status)
 
 
+def _param(error: dict) -> str | None:
+    """The field a pydantic error is about, dotted, without the body location prefix."""
+    return ".".join(str(p) for p in error.get("loc", ()) if p != "body") or None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """First pydantic error as 'field: reason'; the body location prefix is dropped."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    param = _param(first)
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
-    if first.get("type") == "missing" and not loc:
+    if first.get("type") == "missing" and param is None:
         return "request body is required", None
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
@@ -84,5 +97,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(500, "internal server error; see the server log"), status_code=500)
+        # Starlette runs this handler outside every middleware: the id header is set here.
+        rid = request_id(request)
+        logger.exception("request %s: unhandled error in %s %s", rid, request.method, request.url.path)
+        response = error_response(internal_error(rid))
+        response.headers[HEADER] = rid
+        return response

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from typing import AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
@@ -21,15 +20,16 @@ from starlette.types import Receive, Scope, Send
 from engram_runtime.sampling import SamplingParams
 
 from server.engine_client import EngineClient, Generation
-from server.errors import APIError, error_body
+from server.errors import APIError, error_body, internal_error
 from server.protocol import GateEntry, SamplingFields
 
 T = TypeVar("T")
 logger = logging.getLogger("engram_serve")
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def response_id(prefix: str, request_id: str) -> str:
+    """The completion's id, made from the request id as vLLM does (`cmpl-<X-Request-Id>`)."""
+    return f"{prefix}-{request_id}"
 
 
 def check_model(requested: str | None, client: EngineClient) -> None:
@@ -108,8 +108,10 @@ def gate_entries(out, token_text: TokenText) -> list[GateEntry]:
             for t, g in zip(out.new_token_ids, out.gates or ())]
 
 
-def engine_error(out) -> APIError:
-    return APIError(500, f"generation failed: {out.error or 'unknown engine error'}", code="engine_error")
+def engine_error(out, generation: Generation) -> APIError:
+    """The engine failed this request: the detail (it may name server files) goes to the log only."""
+    logger.error("request %s: generation failed: %s", generation.request_id, out.error or "unknown engine error")
+    return internal_error(generation.request_id, code="engine_error")
 
 
 # ----------------------------------------------------------------------------- transport

@@ -213,6 +213,27 @@ def test_400_invalid_fields(http, body, param):
         assert err["param"].split(".")[0] == param
 
 
+CHAT = [{"role": "user", "content": "Hi"}]
+
+
+def test_request_id_header(http):
+    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    rid = r.headers["x-request-id"]
+    assert len(rid) == 32 and r.json()["id"] == f"cmpl-{rid}"
+
+    def chat(_):
+        return http.post("/v1/chat/completions", headers={"X-Request-Id": "client-42"},
+                         json={"messages": CHAT, "max_tokens": 2})
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # an incoming id is honoured, even twice at once
+        same = list(pool.map(chat, range(2)))
+    assert [(x.status_code, x.headers["x-request-id"], x.json()["id"]) for x in same] == \
+        [(200, "client-42", "chatcmpl-client-42")] * 2
+    bad = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}, headers={"X-Request-Id": "a b"})
+    assert bad.status_code == 400 and len(bad.headers["x-request-id"]) == 32  # not a usable id: one of ours
+    assert http.get("/health").headers["x-request-id"]
+
+
 def test_400_chat(http):
     too_long = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi " * MAX_MODEL_LEN}]})
     assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
