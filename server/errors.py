@@ -65,10 +65,14 @@ def _param(error: dict) -> str | None:
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """First pydantic error as 'field: reason'; the body location prefix is dropped."""
+    """First pydantic error as 'field: reason', or every unsupported field's; the body location
+    prefix is dropped."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
+    unsupported = [(_param(e), e["msg"]) for e in errors if e.get("type") == "unsupported"]
+    if unsupported:  # named all at once: the client learns in one round what to leave out
+        return "; ".join(f"{param}: {msg}" for param, msg in unsupported), unsupported[0][0]
     first = errors[0]
     param = _param(first)
     msg = first.get("msg", "invalid value")

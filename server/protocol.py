@@ -3,17 +3,22 @@
 Shapes follow OpenAI's completions and chat completions, with vLLM's extensions
 (`top_k`, `stop_token_ids`, `ignore_eos`) and ours (`engram_gates`). Requests are
 strict: a string where a number belongs is a 400, not a silent conversion, and
-unknown fields are ignored the way vLLM ignores them. Fields OpenAI defines but
-this server does not implement are accepted only at their neutral value, so a
-client never gets a different behaviour than it asked for without being told.
+unknown fields are ignored the way vLLM ignores them. Fields OpenAI or vLLM define
+but this server does not implement (tools, structured output, penalties ...:
+UNSUPPORTED) are accepted only absent, null or at their neutral value and refused
+with a 400 naming them otherwise, so a client never gets a different behaviour than
+it asked for without being told. Bookkeeping fields (`user`, `metadata`, `store`,
+`service_tier` ...) change no output and stay ignored.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_N = 128        # OpenAI's limit on n
@@ -22,15 +27,52 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 StopStrings = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)]
 
 
+# Per route, the fields it does not implement and the values that ask for the default
+# behaviour (absent and null are always accepted). docs/serving.md lists them.
+UNSUPPORTED_SAMPLING = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},),
+    "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (), "guided_choice": (),
+    "guided_grammar": (), "structured_outputs": (), "repetition_penalty": (1,), "min_p": (0,),
+    "min_tokens": (0,), "use_beam_search": (False,), "length_penalty": (1,), "prompt_logprobs": (),
+    "bad_words": ([],), "allowed_token_ids": (), "logits_processors": (), "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "truncate_prompt_tokens": (),
+    "return_tokens_as_token_ids": (False,),
+}
+UNSUPPORTED_COMPLETION = {"suffix": ("",)}
+UNSUPPORTED_CHAT = {
+    "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (), "functions": ([],),
+    "function_call": ("none",), "audio": (), "modalities": (["text"],), "prediction": (), "reasoning_effort": (),
+    "verbosity": ("medium",), "web_search_options": (), "echo": (False,), "add_generation_prompt": (True,),
+    "continue_final_message": (False,), "chat_template": (), "chat_template_kwargs": ({},), "documents": (),
+}
+UNSUPPORTED = {**UNSUPPORTED_SAMPLING, **UNSUPPORTED_COMPLETION, **UNSUPPORTED_CHAT}
+
+
+def _refuse_unsupported(value: Any, info: ValidationInfo) -> Any:
+    neutral = UNSUPPORTED[info.field_name]
+    if value is None or value in neutral:
+        return value
+    also = "".join(f", or send {json.dumps(v)}" for v in neutral)
+    raise PydanticCustomError("unsupported", "not supported by this server (leave it out{also})", {"also": also})
+
+
+Unsupported = Annotated[Any, BeforeValidator(_refuse_unsupported)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+def _refusing(name: str, fields: dict[str, tuple]) -> type[_Strict]:
+    """A base model declaring `fields` as Unsupported, so each is validated (and named) on its own."""
+    return create_model(name, __base__=_Strict, **{field: (Unsupported, None) for field in fields})
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class SamplingFields(_Strict):
+class SamplingFields(_refusing("_UnsupportedSampling", UNSUPPORTED_SAMPLING)):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None
@@ -46,9 +88,6 @@ class SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     engram_gates: bool = Field(False, description="Engram extension: per generated token, the mean gate of every Engram layer")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not implemented; only 0 is accepted")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not implemented; only 0 is accepted")
-    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
     user: str | None = None
 
     @model_validator(mode="after")
@@ -63,7 +102,7 @@ class SamplingFields(_Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, _refusing("_UnsupportedCompletion", UNSUPPORTED_COMPLETION)):
     prompt: (Annotated[str, Field(max_length=1_000_000)]
              | Annotated[list[Annotated[str, Field(max_length=1_000_000)]], Field(min_length=1, max_length=64)]
              | TokenIds
@@ -71,7 +110,6 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, description="accepted only when equal to n")
-    suffix: Annotated[str, Field(max_length=0)] | None = None
 
     @model_validator(mode="after")
     def _best_of_is_n(self):
@@ -94,7 +132,7 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, _refusing("_UnsupportedChat", UNSUPPORTED_CHAT)):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

@@ -214,6 +214,31 @@ def test_400_invalid_fields(http, body, param):
 
 
 CHAT = [{"role": "user", "content": "Hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("route, body, fields", [
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [TOOL], "tool_choice": "auto"}, ["tools", "tool_choice"]),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, ["response_format"]),
+    ("/v1/chat/completions", {"messages": CHAT, "functions": [TOOL["function"]], "parallel_tool_calls": False},
+     ["functions", "parallel_tool_calls"]),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"50256": -100}}, ["logit_bias"]),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 1.2, "guided_regex": "a+"},
+     ["repetition_penalty", "guided_regex"]),
+])
+def test_400_unsupported_fields(http, route, body, fields):
+    r = http.post(route, json={**body, "max_tokens": 1})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] in fields
+    assert all(f"{field}: not supported" in err["message"] for field in fields), err["message"]
+
+
+def test_unsupported_fields_at_neutral_values_are_served(http):
+    r = http.post("/v1/chat/completions", json={
+        "messages": CHAT, "max_tokens": 1, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+        "frequency_penalty": 0, "logit_bias": {}, "user": "u", "metadata": {"k": "v"}})
+    assert r.status_code == 200, r.text
 
 
 def test_request_id_header(http):
