@@ -28,7 +28,7 @@ from server.config import ServerConfig
 
 pytestmark = pytest.mark.slow
 
-ITERATION_TIMEOUT = 2.0
+ITERATION_TIMEOUT = 3.0
 BODY = {"prompt": "The capital of France is", "max_tokens": 2, "ignore_eos": True, "temperature": 0}
 
 
@@ -71,7 +71,8 @@ def srv(engram_ckpt, tmp_path_factory):
     yield s
     s.http.close()
     s.uvicorn.should_exit = True
-    s.thread.join(60)
+    s.thread.join(120)
+    assert not s.thread.is_alive(), "the in-process server did not stop"
 
 
 def _prefetcher(srv) -> Prefetcher:
@@ -103,7 +104,7 @@ def test_stuck_step_turns_readiness_503_until_steps_resume(srv, monkeypatch):
     client = threading.Thread(target=lambda: result.update(r=srv.http.post("/v1/completions", json=BODY)))
     client.start()
     try:
-        time.sleep(ITERATION_TIMEOUT / 2)
+        time.sleep(0.5)
         assert srv.http.get("/health").status_code == 200  # a step may take a while before it counts as stuck
         r = srv.wait_health(503)
         assert r.status_code == 503, r.text
@@ -132,6 +133,7 @@ def test_stopped_prefetch_worker_turns_readiness_503(srv):
         prefetcher._worker = threading.Thread(target=prefetcher._run, name="engram-prefetch", daemon=True)
         prefetcher._worker.start()
     assert srv.wait_health(200).json() == {"status": "ready"}
+    assert srv.http.post("/v1/completions", json=BODY).status_code == 200
 
 
 def _table_file(ckpt: Path, layer: str) -> Path:
@@ -145,6 +147,9 @@ def _assert_no_server_detail(text: str, ckpt: Path) -> None:
 
 def test_truncated_table_answers_500_with_request_id_and_readiness_503(srv, caplog):
     table = _table_file(srv.ckpt, "15")
+    # Nothing may be reading the mapping when it shrinks (a read past the end is a SIGBUS): a
+    # request served to the end leaves no gather in flight, stale tickets of earlier tests included.
+    assert srv.http.post("/v1/completions", json=BODY).status_code == 200
     os.truncate(table, table.stat().st_size // 2)
 
     r = srv.wait_health(503)
