@@ -1,6 +1,6 @@
 """The default backbone with Engram memory: greedy decoding gives identical logits from every table
-placement, with prefetch on and off, for float32 and bfloat16 tables; fp8 tables stay within their
-quantisation error; a batch whose membership changes every step decodes as each sequence alone."""
+placement (shared through the native prefetch worker, as host), with prefetch on and off, for
+float32 and bfloat16 tables; fp8 tables stay within their quantisation error; a batch whose membership changes every step decodes as each sequence alone."""
 from __future__ import annotations
 
 import shutil
@@ -89,7 +89,7 @@ def _same(a, b, atol=0.0):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_identical_logits_across_placements_and_prefetch(model, dtype):
     reference = greedy(model, dtype, "device", prefetch=False)  # the plain in-process tensor
-    for placement, prefetch, cache_rows in [("host", True, 0), ("host", False, 0), ("mmap", True, 0),
+    for placement, prefetch, cache_rows in [("host", True, 0), ("host", False, 0), ("shared", True, 0), ("mmap", True, 0),
                                             ("mmap", True, 4096), ("mmap", False, 4096)]:
         _same(reference, greedy(model, dtype, placement, prefetch, cache_rows))
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import engram_kernels as kernels
 from loadtest.process import repo_env
 from offload.device import ComputeDevice
 from offload.shared import SharedCopy, drop_unused
@@ -193,6 +194,20 @@ def test_damage_the_probe_misses_is_caught_by_verify(ckpt_factory, caplog):
     assert any("sha256 does not match" in r.getMessage() and str(copy.path) in r.getMessage()
                for r in caplog.records)
     assert torch.equal(tables[1].gather(ROWS), ckpt.values[1][ROWS])
+    tables.close()
+
+
+def test_shared_tables_take_the_host_tables_paths(ckpt_factory):
+    """The native CPU gather (and the native prefetch worker, which reads `resident`'s data
+    pointer) and the UVA view serve a shared table as a host one."""
+    ckpt = ckpt_factory()
+    tables = TableSet.open(ckpt.path, ckpt.tables, placement="shared", progress=False)
+    table = tables[1]
+    assert table.native == kernels.available() and table.device_rows() is table.resident
+    path = str(SharedCopy.of(ckpt.tables["1"]).path)
+    spans = [[int(x, 16) for x in line.split()[0].split("-")]
+             for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(path)]
+    assert any(a <= table.resident.data_ptr() < b for a, b in spans)  # the rows read are the shared pages
     tables.close()
 
 
