@@ -179,3 +179,15 @@ def test_truncated_table_answers_500_with_request_id_and_readiness_503(srv, capl
     assert any(rid in m and str(table) in m for m in logged), logged
     _assert_live(srv)
     assert srv.http.get("/health").status_code == 503
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_dead_engine_loop_turns_readiness_503(srv, monkeypatch):
+    def crash():
+        raise RuntimeError("injected: the engine loop dies")
+
+    monkeypatch.setattr(srv.engine, "_drain_inbox", crash)
+    srv.engine.abort("nothing")  # wakes the loop, which dies at once
+    r = srv.wait_health(503)
+    assert r.json() == {"status": "unhealthy", "reason": "the engine loop has stopped"}  # before the table's reason
+    _assert_live(srv)
