@@ -159,6 +159,7 @@ class SharedCopy:
             except BlockingIOError:
                 log.info("another process is checking or writing shared table copy %s; waiting", self.path)
                 fcntl.flock(lock, fcntl.LOCK_EX)
+            self._remove_leftovers()
             if self.path.exists() or self._aside(".json").exists():
                 problem = self.problem(verify)
                 if problem is None:
@@ -171,6 +172,14 @@ class SharedCopy:
             log.info("wrote shared table copy %s (%d bytes, sha256 verified) from %s in %.1f s",
                      self.path, self.nbytes, source, time.perf_counter() - t0)
             return self._hold()
+
+    def _remove_leftovers(self) -> None:
+        """A writer killed mid-copy leaves its partial file (RAM, in /dev/shm); under the lock no
+        one is writing, so whatever partial files there are belong to dead writers."""
+        for path in self.directory.glob(self.name + ".*.*"):
+            if path.name.startswith((self.name + ".partial.", self.name + ".json.")):
+                log.warning("removing %s, left by a writer that stopped before it finished", path)
+                path.unlink(missing_ok=True)
 
     def _hold(self) -> int:
         fd = os.open(self._aside(".users"), os.O_RDONLY | os.O_CREAT, 0o644)

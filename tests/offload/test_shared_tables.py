@@ -178,6 +178,18 @@ def test_a_damaged_copy_is_refused_logged_and_rebuilt(ckpt_factory, caplog, dama
     tables.close()
 
 
+def test_a_killed_writers_partial_file_is_removed(ckpt_factory, caplog):
+    ckpt = ckpt_factory()
+    copy = SharedCopy.of(ckpt.tables["1"])
+    copy.directory.mkdir(parents=True, exist_ok=True)
+    leftover = copy.directory / f"{copy.name}.partial.999999"
+    leftover.write_bytes(bytes(1000))
+    caplog.set_level("INFO", logger="engram_serve.shared_tables")
+    TableSet.open(ckpt.path, ckpt.tables, placement="shared", progress=False).close()
+    assert not leftover.exists()
+    assert any(str(leftover) in r.getMessage() for r in caplog.records)
+
+
 def test_damage_the_probe_misses_is_caught_by_verify(ckpt_factory, caplog):
     """A byte changed between the probed pages passes the cheap checks; --verify-tables hashes the
     whole copy and rebuilds it."""
