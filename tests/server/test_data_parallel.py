@@ -176,3 +176,14 @@ def _ready_again(dp: ServerProcess) -> bool:
         return httpx.get(_worker_url(dp, 0, "/health"), timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_sigterm_to_the_supervisor_stops_every_worker(servers):
+    """Last in this module: the supervisor forwards SIGTERM, each worker drains and exits, and the
+    supervisor exits 0 once they have."""
+    dp = servers["dp"]
+    workers = list(_worker_pids(dp).values())
+    dp.signal(signal.SIGTERM)
+    assert dp.proc.wait(timeout=60) == 0
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists()
