@@ -181,6 +181,21 @@ def test_truncated_table_answers_500_with_request_id_and_readiness_503(srv, capl
     assert srv.http.get("/health").status_code == 503
 
 
+def test_bug_answers_generic_500_with_request_id(srv, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise OSError(f"[Errno 5] cannot read {srv.ckpt}/tokenizer.json")
+
+    monkeypatch.setattr(srv.engine.tokenizer, "encode", broken)
+    with caplog.at_level(logging.ERROR, logger="engram_serve"):
+        r = srv.http.post("/v1/completions", json=BODY)
+    rid = r.headers["x-request-id"]  # set by the bug handler itself: Starlette runs it outside the middleware
+    err = r.json()["error"]
+    assert r.status_code == 500 and err["type"] == "internal_error" and rid in err["message"]
+    _assert_no_server_detail(err["message"], srv.ckpt)
+    bug = next(rec for rec in caplog.records if rid in rec.getMessage())
+    assert bug.exc_info and str(srv.ckpt) in str(bug.exc_info[1])  # the log has the traceback, with the same id
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_dead_engine_loop_turns_readiness_503(srv, monkeypatch):
     def crash():
