@@ -12,10 +12,11 @@ Q/K/V and gate/up are fused into single matmuls (fewer, larger GEMMs: on a
 from __future__ import annotations
 
 import functools
+import math
+import mmap
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -240,11 +241,15 @@ class Block(nn.Module):
 
 
 def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Zeros whose pages the OS commits on first write (numpy's calloc); bfloat16, which
-    numpy lacks, as int16 zeros viewed as bfloat16 (the same bits)."""
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(np.zeros(shape, np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.zeros(shape, np.float32))
+    """Zeros whose pages the OS commits on first write: an anonymous mapping in 4 KiB pages.
+    Not numpy's calloc, which asks for transparent huge pages on large arrays: a sequence's
+    first K/V write then committed and zeroed 2 MiB per cache, 3 GB for 32 new sequences, each
+    fault waiting on memory compaction, and the first batch that large stalled for seconds
+    (docs/performance.md, "Warm-up")."""
+    buf = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux: also where huge pages are on for every mapping
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
 class Transformer(nn.Module):
