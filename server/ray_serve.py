@@ -18,6 +18,7 @@ deploy instead of every replica. Replica count, autoscaling and CPUs come from t
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -39,7 +40,7 @@ from server.ray_metrics import RegistryMirror
 logger = logging.getLogger("engram_serve")
 
 
-def parse_options(options: list[str]) -> Any:
+def parse_options(options: list[str]) -> argparse.Namespace:
     """engram-serve's options for one replica, checked as the command checks them; placement
     shared by default, since replicas on a node share its table copy."""
     parser = cli.build_parser()
