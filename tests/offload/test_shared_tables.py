@@ -24,7 +24,7 @@ from offload.device import ComputeDevice
 from offload.shared import SharedCopy, drop_unused
 from offload.store import TableSet
 from offload.tablefile import TableFileError
-from tests.smaps import mapping_kb
+from loadtest.memory import mapping_kb
 
 LARGE = {1: [4099, 4111, 4127, 4129]}  # 16466 rows x 64 float32: a 4.2 MB table
 ROWS = np.arange(0, 16466, 97)

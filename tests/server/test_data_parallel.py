@@ -23,7 +23,7 @@ from engram_runtime.checkpoint_init import InitOptions, engram_init
 from loadtest.process import ServerProcess, engram_serve_cmd
 from offload.shared import DIR_ENV, SharedCopy
 from offload.tablefile import file_sha256
-from tests.smaps import mapping_kb
+from loadtest.memory import mapping_kb
 
 pytestmark = pytest.mark.slow
 

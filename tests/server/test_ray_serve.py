@@ -22,7 +22,7 @@ import pytest
 
 from loadtest.process import free_port
 from offload.shared import SharedCopy
-from tests.smaps import mapping_kb
+from loadtest.memory import mapping_kb
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
