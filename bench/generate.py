@@ -16,6 +16,9 @@ preempted by another process on a shared machine from moving the figure.
   roofline_packed: the same loop with the prepacked oneDNN matmul the runtime
   itself uses (faster than F.linear on CPU), the stricter bound.
 
+With `--quantizations auto none` one engine per mode decodes in the same rounds, alternated
+(engram_runtime/quantization.py; `runtime_<mode>` per mode, `runtime` the first).
+
     python -m bench.generate [--quick] [--batches 1 8 32 128] [--dtypes float32 bfloat16]
 """
 from __future__ import annotations
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--quick", action="store_true", help="batches 1 8, 6 steps, 1 round: checks the script runs")
+    ap.add_argument("--quantizations", nargs="+", default=["auto"], help="EngineConfig.quantization modes, "
+                    "one engine each, alternated within every round")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=str(RESULTS / "generate.json"))
     args = ap.parse_args(argv)
@@ -141,19 +146,22 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     for dtype_name in args.dtypes:
         dtype = parse_dtype(dtype_name)
-        engine = LLMEngine(EngineConfig(dtype=dtype_name, max_num_seqs=max(args.batches), max_model_len=max_len,
-                                        max_num_batched_tokens=max(4096, max(args.batches) * args.prompt_len)),
-                           loaded)
+        engines = {q: LLMEngine(EngineConfig(dtype=dtype_name, max_num_seqs=max(args.batches), max_model_len=max_len,
+                                             max_num_batched_tokens=max(4096, max(args.batches) * args.prompt_len),
+                                             quantization=q), loaded)
+                   for q in args.quantizations}
         hf = None if args.no_transformers else load_transformers(loaded.path, dtype)
         per_batch = {}
         for b in args.batches:
             reps = max(3, args.steps // 4)
-            rounds = {"roofline": [], "roofline_packed": [], "runtime": []}
-            for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits all three
+            rounds = {"roofline": [], "roofline_packed": [], **{f"runtime_{q}": [] for q in engines}}
+            for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits every variant
                 rounds["roofline"].append(roofline(loaded, dtype, b, reps))
                 rounds["roofline_packed"].append(roofline(loaded, dtype, b, reps, packed=True))
-                rounds["runtime"].append(runtime_decode(engine, prompt, b, args.steps))
+                for q, engine in engines.items():
+                    rounds[f"runtime_{q}"].append(runtime_decode(engine, prompt, b, args.steps))
             row = {k: statistics.median(v) for k, v in rounds.items()}
+            row["runtime"] = row[f"runtime_{args.quantizations[0]}"]
             if hf is not None:
                 row["transformers"] = transformers_decode(hf, prompt, b, args.steps)
                 row["runtime_vs_transformers"] = row["runtime"] / row["transformers"]
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             per_batch[str(b)] = row
             print(dtype_name, b, {k: round(v, 2) for k, v in row.items()}, flush=True)
         results[dtype_name] = per_batch
-        del engine, hf
+        del engines, hf
     report = {
         "unit": "decode tokens/s (aggregate over the batch)",
         "model": loaded.path,
@@ -171,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "quantizations": args.quantizations,
         "cpu": platform.processor() or platform.machine(),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),

@@ -5,7 +5,8 @@ extra passes over memory add up to a large share of the step: the kernels in csr
 job in one pass: decode attention with RoPE and the KV-cache write, RMSNorm (with the
 residual add before it) straight into the next matmul's dtype, SiLU-and-multiply, an Engram
 layer's gate and short conv for a decode step, the N-gram hash of every layer, a table's
-gather-and-decode, and the projection of a decode step's rows. Engram's calls run mid-
+gather-and-decode, the projection of a decode step's rows, and a decode step's matmul with a
+weight held in llama.cpp's quantised blocks (block_linear). Engram's calls run mid-
 forward with caches the backbone's weights have just flushed, where a native call costs a
 fraction of the torch ops it replaces. The module also holds the native prefetch worker,
 ``native().RowPrefetcher`` (csrc/row_prefetch.cpp, made by ``row_prefetcher``), a thread
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
     "decode_attention.cpp", "elementwise.cpp", "engram_mix.cpp", "ngram_hash.cpp", "gather_rows.cpp", "small_linear.cpp",
-    "row_prefetch.cpp", "table_counters.cpp", "module.cpp")]
+    "block_linear.cpp", "row_prefetch.cpp", "table_counters.cpp", "module.cpp")]
 # Projections of up to this many rows (decode steps) use small_linear wherever they run, on the
 # native prefetch worker and in the Python paths alike, so both give the same bits: up to here it
 # runs on one thread, which is all the worker has, at a cost oneDNN's matmul matches only beyond.
@@ -236,3 +237,16 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """x [M, K] @ weight [O, K].T + bias, float32 out, for a few rows (native only; see
     csrc/small_linear.cpp). x, weight and bias float32 or bfloat16."""
     return native().small_linear(x, weight, bias)
+
+
+def block_linear(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                 bits: int) -> torch.Tensor:
+    """x [M, K] @ W.T, float32 out, for a weight W [N, K] in 32-value blocks of `bits` (4 or 8) bits
+    (native only; engram_runtime/quantization.py has the blocks and their torch dequantisation)."""
+    return native().block_linear(x, qs, scales, mins, bits)
+
+
+def block_linear_fast() -> bool:
+    """Whether block_linear was built with AVX-512, where it beats oneDNN's dense matmul for
+    decode steps; its plain-loop build elsewhere is correct but slower (docs/performance.md)."""
+    return native() is not None and native().block_linear_isa() == "avx512"

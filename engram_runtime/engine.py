@@ -19,7 +19,9 @@ import torch
 
 from engram_runtime.allocator import keep_freed_memory
 from engram_runtime.kv_budget import profile_slots
+from engram_runtime.model import linear_sources
 from engram_runtime.model_runner import Chunk, ModelRunner, parse_dtype
+from engram_runtime.quantization import describe, kinds, linear_blocks, serving_mode
 from engram_runtime.sampling import SamplingParams, sample
 from engram_runtime.scheduler import ScheduledBatch, Scheduler
 from engram_runtime.sequence import IncrementalDetokenizer, RequestOutput, Sequence
@@ -49,6 +51,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: min(model context, DEFAULT_MAX_MODEL_LEN)
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory this engine may use (CUDA)
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    quantization: str = "auto"  # CPU decode weights: auto (the file's blocks where faster), none, int8, int4
 
 
 def resolve_device(name: str) -> str:
@@ -84,7 +87,7 @@ class LLMEngine:
         keep_freed_memory()  # a step's freed tensors are reused, not faulted in again (see allocator)
         self.config = config
         loaded = loaded or load_model(config.model)
-        model_config, state_dict = loaded.config, loaded.state_dict
+        model_config = loaded.config
         self.model_config = model_config
         # like vLLM: the served name is what the user passed; the default model gets its short id
         self.model_name = DEFAULT_MODEL_NAME if config.model is None else str(config.model)
@@ -98,7 +101,7 @@ class LLMEngine:
         self.device = device or ComputeDevice(resolve_device(config.device))
         dtype = resolve_dtype(config.dtype, str(self.device.torch_device))
         self.dtype = str(dtype).removeprefix("torch.")
-        self.runner, self.max_num_seqs = self._runner(model_config, state_dict, dtype)
+        self.runner, self.max_num_seqs = self._runner(loaded, dtype)
         log.info("serving on %s in %s, %d sequences of up to %d tokens", self.device.torch_device, self.dtype,
                  self.max_num_seqs, self.max_model_len)
         self.engram = None
@@ -122,12 +125,19 @@ class LLMEngine:
         self._num_steps = self._prompt_tokens = self._gen_tokens = 0
         self._step_observers: list[Callable[[float, int], None]] = []
 
-    def _runner(self, model_config, state_dict, dtype: torch.dtype) -> tuple[ModelRunner, int]:
-        """The backbone on the device; on CUDA with as many KV slots as fit (kv_budget)."""
-        config = self.config
+    def _runner(self, loaded: LoadedModel, dtype: torch.dtype) -> tuple[ModelRunner, int]:
+        """The backbone on the device; on CUDA with as many KV slots as fit (kv_budget); on the
+        native CPU path with the quantised weights config.quantization selects."""
+        config, model_config, state_dict = self.config, loaded.config, loaded.state_dict
+        blocks: dict = {}
+        if not (self.device.cuda_primitives or self.device.portable):  # the GPU's path computes dense
+            blocks = linear_blocks(linear_sources(model_config, state_dict), state_dict, loaded.blocks,
+                                   serving_mode(config.quantization))
+            log.info("quantization %s: %s", config.quantization, describe(blocks))
+        self.quantization = kinds(blocks)
         if not self.device.cuda_primitives:
             return ModelRunner(model_config, state_dict, dtype, config.max_num_seqs, self.max_model_len,
-                               device=self.device), config.max_num_seqs
+                               device=self.device, blocks=blocks), config.max_num_seqs
         free, total = self.device.memory()
         runner = ModelRunner(model_config, state_dict, dtype, 1, self.max_model_len, device=self.device)
         reserved = total - free + self._device_table_bytes()  # other processes, and tables to come in HBM

@@ -1,8 +1,8 @@
 """Read a llama.cpp GGUF file into a ModelConfig + HF-named float32 state dict.
 
-Quantised tensors (Q4_1, Q8_0, K-quants, ...) are dequantised with
-`gguf.quants.dequantize`; the runtime computes in float32 or bfloat16, so the file's
-quantisation only decides the weights' values, not the kernels.
+Every tensor is dequantised with `gguf.quants.dequantize` into the float state dict (what
+prefill and the GPU compute with); Q4_0, Q4_1 and Q8_0 tensors are also kept as the file's
+blocks (quantization.BlockWeight), which CPU decode steps read as such (--quantization auto).
 llama.cpp's converter permutes the rows of Q and K so its rope kernel can rotate
 adjacent pairs; we undo that (as transformers' GGUF loader does) to get back the
 HF layout whose rope rotates the two halves of each head.
@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from engram_runtime.config import ModelConfig
+from engram_runtime.quantization import FILE_TYPES, BlockWeight, from_gguf
 from engram_runtime.weights import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -100,7 +101,8 @@ def read_config(reader: GGUFReader, path: str) -> ModelConfig:
     )
 
 
-def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, BlockWeight]]:
+    """config, the float state dict and the file's Q4_0 / Q4_1 / Q8_0 blocks, both by HF name."""
     try:
         reader = GGUFReader(path)
     except Exception as exc:  # truncated / not a GGUF file
@@ -112,14 +114,18 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
                 f"{path}: tensor '{t.name}' has unsupported quantisation type {t.tensor_type.name}"
             )
     state: dict[str, torch.Tensor] = {}
+    blocks: dict[str, BlockWeight] = {}
     for t in reader.tensors:
         name = _hf_name(t.name)
         if name is None:
             continue  # e.g. rope_freqs: derived from rope_theta here
         w = dequantize(t.data, t.tensor_type)
-        if ".attn_q." in t.name:
-            w = _unpermute_rope(w, config.num_attention_heads)
-        elif ".attn_k." in t.name:
-            w = _unpermute_rope(w, config.num_key_value_heads)
+        heads = {".attn_q.": config.num_attention_heads, ".attn_k.": config.num_key_value_heads}
+        n_head = next((n for part, n in heads.items() if part in t.name), None)
+        if n_head is not None:
+            w = _unpermute_rope(w, n_head)
         state[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # copy: the reader maps the file read-only
-    return config, state
+        if t.tensor_type.name in FILE_TYPES and t.data.ndim == 2:
+            b = from_gguf(t.data, t.tensor_type.name)
+            blocks[name] = b if n_head is None else b.rows(_unpermute_rope(np.arange(w.shape[0]), n_head))
+    return config, state, blocks

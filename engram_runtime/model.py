@@ -15,7 +15,7 @@ import functools
 import math
 import mmap
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Collection, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,12 @@ from torch import nn
 import engram_kernels as kernels
 from engram_kernels.triton_attention import cache_attention
 from engram_runtime.config import ModelConfig
+from engram_runtime.quantization import BlockWeight
+
+# Rows up to which a QuantizedLinear reads its blocks rather than its dense copy, by the dense
+# copy's dtype: where the block kernel's per-row arithmetic overtakes the bytes it saves
+# (docs/performance.md, "Quantized weights")
+QUANTIZED_MAX_ROWS = {torch.bfloat16: 3, torch.float32: 6}
 
 
 class EngramHook(Protocol):
@@ -195,6 +201,36 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class QuantizedLinear(nn.Module):
+    """A PackedLinear whose weight is also held in llama.cpp's blocks (quantization.BlockWeight).
+    A step of up to max_rows rows (decode) is a read of the weight: it reads the blocks with the
+    native kernel, 4.5-8.5 bits per value instead of the dense copy's 16 or 32. Larger steps
+    (prefill, large decode batches) are compute-bound, and oneDNN's packed matmul of the dense
+    copy, made from the same dequantised values, is several times faster there than any kernel
+    that decodes blocks (docs/performance.md). Elsewhere (no native kernels, the portable path)
+    it is the dense copy."""
+
+    def __init__(self, dense: PackedLinear, blocks: BlockWeight, max_rows: int):
+        super().__init__()
+        if dense.bias is not None or blocks.shape != tuple(dense.weight.shape):
+            raise ValueError(f"blocks of shape {blocks.shape} for a linear of {tuple(dense.weight.shape)} with bias")
+        self.dense, self.blocks, self.max_rows = dense, blocks, max_rows
+        self.dtype = dense.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dense.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        rows = x.numel() // k
+        if rows > self.max_rows or not kernels.enabled(x):
+            return self.dense(x)
+        b = self.blocks
+        out = kernels.block_linear(x.reshape(rows, k), b.qs, b.scales, b.mins, b.bits)
+        return out.to(self.dtype).view(*x.shape[:-1], out.shape[-1])
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether oneDNN can prepack this weight: a CPU tensor of a dtype this CPU's oneDNN packs
     (bfloat16 needs AVX-512 or AVX-NE-CONVERT)."""
@@ -264,15 +300,26 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def prepare_for_inference(self, pack: bool = True) -> None:
-        """After the weights' dtype is set: every matmul becomes a PackedLinear and the
-        norms go back to float32, so the residual stream stays float32 (cheaper
-        norms and adds than in bfloat16 on the CPU, and more accurate)."""
-        for block in self.layers:
+    def prepare_for_inference(self, pack: bool = True, blocks: dict[str, BlockWeight] | None = None) -> None:
+        """After the weights' dtype is set: every matmul becomes a PackedLinear (a QuantizedLinear
+        where `blocks`, by module name, holds its weight in blocks) and the norms go back to
+        float32, so the residual stream stays float32 (cheaper norms and adds than in bfloat16
+        on the CPU, and more accurate)."""
+        blocks = blocks or {}
+
+        def linear(name: str, weight: torch.Tensor) -> nn.Module:
+            dense = PackedLinear(weight, pack)
+            if name not in blocks:
+                return dense
+            return QuantizedLinear(dense, blocks[name], QUANTIZED_MAX_ROWS.get(dense.dtype, 0))
+
+        for i, block in enumerate(self.layers):
             att, ff = block.attention, block.feed_forward
-            att.wqkv, att.wo = PackedLinear(att.wqkv.weight, pack), PackedLinear(att.wo.weight, pack)
-            ff.w13, ff.w2 = PackedLinear(ff.w13.weight, pack), PackedLinear(ff.w2.weight, pack)
-        self.output = PackedLinear(self.output.weight, pack)
+            att.wqkv = linear(f"layers.{i}.attention.wqkv", att.wqkv.weight)
+            att.wo = linear(f"layers.{i}.attention.wo", att.wo.weight)
+            ff.w13 = linear(f"layers.{i}.feed_forward.w13", ff.w13.weight)
+            ff.w2 = linear(f"layers.{i}.feed_forward.w2", ff.w2.weight)
+        self.output = linear("output", self.output.weight)
         for norm in [self.norm] + [n for b in self.layers for n in (b.attention_norm, b.ffn_norm)]:
             norm.weight.data = norm.weight.data.float()
 
@@ -312,20 +359,27 @@ class Transformer(nn.Module):
         mine: dict[str, torch.Tensor] = {
             "tok_embeddings.weight": sd["model.embed_tokens.weight"],
             "norm.weight": sd["model.norm.weight"],
-            "output.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"]),
         }
         for i in range(self.config.num_hidden_layers):
             p = f"model.layers.{i}."
             mine[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
             mine[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-            mine[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
-                [sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
-            )
-            mine[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
-            mine[f"layers.{i}.feed_forward.w13.weight"] = torch.cat(
-                [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]
-            )
-            mine[f"layers.{i}.feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+        for name, sources in linear_sources(self.config, sd).items():
+            mine[f"{name}.weight"] = sd[sources[0]] if len(sources) == 1 else torch.cat([sd[n] for n in sources])
         self.load_state_dict(mine, strict=True, assign=True)
         if self.config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+
+def linear_sources(config: ModelConfig, names: Collection[str]) -> dict[str, list[str]]:
+    """Each matmul of the Transformer (its module name) and the HF weights it fuses, in order;
+    `names`: the HF names at hand (the output reuses the embedding when there is no lm_head)."""
+    out = {}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[f"layers.{i}.attention.wqkv"] = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+        out[f"layers.{i}.attention.wo"] = [p + "self_attn.o_proj.weight"]
+        out[f"layers.{i}.feed_forward.w13"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        out[f"layers.{i}.feed_forward.w2"] = [p + "mlp.down_proj.weight"]
+    out["output"] = ["lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight"]
+    return out

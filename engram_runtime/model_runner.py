@@ -23,6 +23,7 @@ import engram_kernels as kernels
 from engram_kernels import triton_attention
 from engram_runtime.config import ModelConfig
 from engram_runtime.model import AttentionInputs, DecodeInputs, EngramHook, Transformer, rope_tables
+from engram_runtime.quantization import BlockWeight
 from offload.device import ComputeDevice
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -45,7 +46,10 @@ class Chunk:
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, num_slots: int,
-                 max_model_len: int, pack_weights: bool = True, device: ComputeDevice | str = "cpu"):
+                 max_model_len: int, pack_weights: bool = True, device: ComputeDevice | str = "cpu",
+                 blocks: dict[str, BlockWeight] | None = None):
+        """blocks: quantised weights by matmul name (quantization.linear_blocks) that CPU decode
+        steps read instead of the dense ones; the portable path computes with the dense ones."""
         self.config = config
         self.dtype = dtype
         self.num_slots = num_slots
@@ -57,7 +61,7 @@ class ModelRunner:
         model.load_hf_state_dict({name: t.to(device=dev, dtype=dtype) for name, t in state_dict.items()})
         self.model = model.eval().requires_grad_(False)
         portable = self.device.portable  # the GPU's code: torch ops only, on whatever device
-        self.model.prepare_for_inference(pack=pack_weights and not portable)
+        self.model.prepare_for_inference(pack=pack_weights and not portable, blocks=None if portable else blocks)
         self._ops = kernels.disabled if portable else contextlib.nullcontext
         # one scratch position past the end: padded tokens write their K/V there
         self.scratch_pos = max_model_len

@@ -1,19 +1,21 @@
 """Where a model comes from: resolve a path, pick the loader, return config + weights.
 
-Every loader returns the same thing: a `ModelConfig` and a state dict in Hugging
+Every loader returns the same thing: a `ModelConfig`, a state dict in Hugging
 Face Llama naming (`model.layers.0.self_attn.q_proj.weight`, ...), float32, so the
-model code has exactly one mapping to maintain.
+model code has exactly one mapping to maintain, and the weights the file holds in
+llama.cpp's blocks by the same names (GGUF only; quantization.py).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from engram_runtime.config import ModelConfig
+from engram_runtime.quantization import BlockWeight
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_NAME = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
@@ -52,15 +54,15 @@ def is_gguf(path: str) -> bool:
     return Path(path).is_file()
 
 
-def load_weights(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Dispatch on the path: a file is read as GGUF, a directory as HF safetensors."""
+def load_weights(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, BlockWeight]]:
+    """Dispatch on the path: a file is read as GGUF, a directory as HF safetensors (no blocks)."""
     if is_gguf(path):
         from engram_runtime.gguf_loader import load_gguf
 
         return load_gguf(path)
     from engram_runtime.safetensors_loader import load_hf_dir
 
-    return load_hf_dir(path)
+    return *load_hf_dir(path), {}
 
 
 @dataclass
@@ -72,11 +74,12 @@ class LoadedModel:
     config: ModelConfig
     state_dict: dict[str, torch.Tensor]
     tokenizer: object
+    blocks: dict[str, BlockWeight] = field(default_factory=dict)  # the file's quantised weights, by HF name
 
 
 def load_model(model: str | os.PathLike | None) -> LoadedModel:
     from engram_runtime.tokenizer import load_tokenizer
 
     path = resolve_model_path(model)
-    config, state_dict = load_weights(path)
-    return LoadedModel(path, config, state_dict, load_tokenizer(path))
+    config, state_dict, blocks = load_weights(path)
+    return LoadedModel(path, config, state_dict, load_tokenizer(path), blocks)

@@ -6,6 +6,7 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace engram_kernels {
@@ -39,6 +40,9 @@ at::Tensor ngram_rows(const at::Tensor& ids, const at::Tensor& lookup, int64_t p
                       const at::Tensor& primes, const at::Tensor& offsets, int64_t skip);
 at::Tensor gather_rows(const at::Tensor& table, const at::Tensor& rows, at::ScalarType out_dtype);
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& mins, int64_t bits);
+std::string block_linear_isa();
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool parallel);
 
 }  // namespace engram_kernels

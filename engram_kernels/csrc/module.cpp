@@ -60,6 +60,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ngram_rows", &engram_kernels::ngram_rows, nogil);
   m.def("gather_rows", &engram_kernels::gather_rows, nogil);
   m.def("small_linear", &engram_kernels::small_linear, nogil);
+  m.def("block_linear", &engram_kernels::block_linear, nogil);
+  m.def("block_linear_isa", &engram_kernels::block_linear_isa);
 
   using engram_kernels::PrefetchTicket, engram_kernels::RowPrefetcher, engram_kernels::TableCounters;
   py::class_<TableCounters, std::shared_ptr<TableCounters>>(m, "TableCounters")
