@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the GPU's memory the "
                    "engine may use; the KV cache gets what the model leaves (CUDA)")
     m.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    m.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weights CPU decode steps read: auto (the GGUF's Q4_0/Q4_1/Q8_0 blocks where the block "
+                   "kernel is faster than dense), none, or at most 8 / 4 bits")
     m.add_argument("--max-model-len", type=int, default=None, help="context window in tokens (default: the model's)")
     m.add_argument("--threads", type=int, default=None, help="torch compute threads (default: the CPUs this "
                    "process may use, less one for the HTTP side)")
@@ -196,7 +199,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
                           prefetch=not args.no_prefetch, verify_tables=args.verify_tables,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-                          enforce_eager=args.enforce_eager)
+                          enforce_eager=args.enforce_eager, quantization=args.quantization)
     server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
                           shutdown_timeout=args.shutdown_timeout, served_model_name=args.served_model_name,
                           log_level=args.log_level)
