@@ -85,11 +85,12 @@ def _ops_router() -> APIRouter:
     async def version_info(request: Request):
         client = _client(request)
         engine = client.engine
-        serving = {"device": None, "dtype": None, "max_num_seqs": None, "cuda_graphs": None, "engram_layers": None}
+        serving = {"device": None, "dtype": None, "max_num_seqs": None, "cuda_graphs": None, "engram_layers": None,
+                   "quantization": None}
         if engine is not None:
             serving = {"device": str(engine.device.torch_device), "dtype": engine.dtype,
                        "max_num_seqs": engine.max_num_seqs, "cuda_graphs": engine.graphs is not None,
-                       "engram_layers": list(engine.engram_layer_ids)}
+                       "engram_layers": list(engine.engram_layer_ids), "quantization": engine.quantization}
         return {"version": package_version(), "model": client.model_name, **serving,
                 "engram_checkpoint": client.engine_config.engram}
 
