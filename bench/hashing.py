@@ -89,7 +89,7 @@ def load_runtime():
         from engram_runtime.weights import default_model_path, load_weights
     except ImportError as exc:
         return None, f"engram_runtime.model_runner not importable: {exc}"
-    config, sd = load_weights(default_model_path())
+    config, sd, _ = load_weights(default_model_path())  # the file's quantised blocks are not needed here
     return (config, sd, ModelRunner, Chunk), None
 
 
