@@ -150,9 +150,9 @@ def describe(blocks: dict[str, BlockWeight]) -> str:
     """One log line: how many matmuls read blocks, of which kinds, and their bytes."""
     if not blocks:
         return "no quantized weights"
-    kinds: dict[str, int] = {}
+    counts: dict[str, int] = {}
     for b in blocks.values():
-        kinds[b.kind] = kinds.get(b.kind, 0) + 1
+        counts[b.kind] = counts.get(b.kind, 0) + 1
     total = sum(b.nbytes for b in blocks.values()) / 2**20
     return (f"{len(blocks)} matmuls read quantized blocks in decode steps ("
-            + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) + f"; {total:.0f} MiB)")
+            + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) + f"; {total:.0f} MiB)")
