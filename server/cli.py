@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     h.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after "
                    "SIGTERM before they are aborted")
+    h.add_argument("--engine-iteration-timeout", type=float, default=60.0, help="seconds without a finished "
+                   "engine step, while work waits, after which /health reports the engine stuck (503)")
     h.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _defaults_from_env(p)
     return p
@@ -202,7 +204,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
                           enforce_eager=args.enforce_eager, quantization=args.quantization)
     server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
                           shutdown_timeout=args.shutdown_timeout, served_model_name=args.served_model_name,
-                          log_level=args.log_level)
+                          engine_iteration_timeout=args.engine_iteration_timeout, log_level=args.log_level)
     return engine, server
 
 

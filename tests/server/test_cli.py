@@ -26,12 +26,13 @@ def test_every_option_has_an_environment_variable(monkeypatch):
     monkeypatch.setenv("ENGRAM_SERVE_NO_PREFETCH", "true")
     monkeypatch.setenv("ENGRAM_SERVE_TABLE_PLACEMENT", "mmap")
     monkeypatch.setenv("ENGRAM_SERVE_API_KEY", "k")
+    monkeypatch.setenv("ENGRAM_SERVE_ENGINE_ITERATION_TIMEOUT", "5")
     args = build_parser().parse_args(["--no-engram", "--max-num-seqs", "3"])
     assert (args.max_queue, args.no_prefetch, args.table_placement, args.api_key) == (7, True, "mmap", "k")
     assert build_parser().parse_args(["--max-queue", "9"]).max_queue == 9  # the command line wins
     engine, server = configs(args)
     assert (engine.engram, engine.prefetch, engine.table_placement, engine.max_num_seqs) == (None, False, "mmap", 3)
-    assert (server.max_queue, server.api_key) == (7, "k")
+    assert (server.max_queue, server.api_key, server.engine_iteration_timeout) == (7, "k", 5.0)
 
 
 @pytest.mark.parametrize("argv, env, message", [
