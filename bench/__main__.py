@@ -12,7 +12,7 @@ import sys
 
 from bench import load_before_run
 
-BENCHMARKS = ("hashing", "generate", "quantization", "warm_up", "offload", "engram_step", "overhead", "train")
+BENCHMARKS = ("hashing", "generate", "quantization", "warm_up", "offload", "engram_step", "overhead", "scaleout", "train")
 
 
 def main(argv: list[str]) -> int:
