@@ -1,8 +1,10 @@
 """bench package: the benchmarks behind `make bench` (see bench/__main__.py)."""
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 
 def load_before_run() -> float:
@@ -13,3 +15,11 @@ def load_before_run() -> float:
         print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: this machine is busy, "
               "figures taken now are not valid results", file=sys.stderr)
     return load
+
+
+def write_result(out: str | Path, report: dict) -> None:
+    """The benchmark's JSON at `out` (its folder made), and a line saying where."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")

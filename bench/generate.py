@@ -24,7 +24,6 @@ With `--quantizations auto none` one engine per mode decodes in the same rounds,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench import write_result
 from engram_runtime.engine import EngineConfig, LLMEngine
 from engram_runtime.model import PackedLinear
 from engram_runtime.model_runner import parse_dtype
@@ -185,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_after": os.getloadavg(),
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out, report)
     return 0
 
 

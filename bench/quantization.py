@@ -29,7 +29,7 @@ import sysconfig
 import torch
 
 import engram_kernels as kernels
-from bench import load_before_run
+from bench import load_before_run, write_result
 from engram_runtime.engine import EngineConfig, LLMEngine
 from engram_runtime.llm import LLM
 from engram_runtime.model import PackedLinear, linear_sources
@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "loadavg_after": os.getloadavg()}
         if "quality" in args.parts:
             report["quality"] = quality(loaded, args.tokens, args.doc_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_result(out, report)
     return 0
 
 

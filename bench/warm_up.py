@@ -10,7 +10,6 @@ numpy allocated it before (reproduced here).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import load_before_run
+from bench import load_before_run, write_result
 from engram_runtime import model
 from engram_runtime.llm import LLM
 from engram_runtime.sampling import SamplingParams
@@ -71,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             report[f"{size}/{allocation}"] = row
             print(size, allocation, round(row["first_over_later"], 3), [round(t, 3) for t in row["burst_s"]], flush=True)
     report["loadavg_after"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out, report)
     return 0
 
 
