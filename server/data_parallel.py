@@ -134,9 +134,10 @@ class Supervisor:
 
 
 class WorkerHeader:
-    """ASGI wrapper naming the worker in every HTTP response (x-engram-worker: rank)."""
+    """ASGI wrapper naming the worker in every HTTP response (x-engram-worker: its data-parallel
+    rank, or a Ray Serve replica's tag)."""
 
-    def __init__(self, app, rank: int):
+    def __init__(self, app, rank: int | str):
         self.app, self.rank = app, str(rank).encode()
 
     async def __call__(self, scope, receive, send):
