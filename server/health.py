@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from server.engine_client import EngineClient, State
 
+
 @dataclass(frozen=True)
 class Readiness:
     status: str  # "ready", "loading", "draining", "failed" or "unhealthy"
