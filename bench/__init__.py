@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 
@@ -23,3 +25,14 @@ def write_result(out: str | Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def median_seconds(fn, reps: int) -> float:
+    """Median wall time of `reps` calls of fn(), after one untimed call (caches, lazy set-up)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

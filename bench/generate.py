@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench import write_result
+from bench import median_seconds, write_result
 from engram_runtime.engine import EngineConfig, LLMEngine
 from engram_runtime.model import PackedLinear
 from engram_runtime.model_runner import parse_dtype
@@ -56,13 +56,7 @@ def roofline(loaded: LoadedModel, dtype: torch.dtype, batch: int, reps: int, pac
         for w, m in zip(weights, mods):
             m(xs[w.shape[1]])
 
-    step()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return batch / statistics.median(times)
+    return batch / median_seconds(step, reps)
 
 
 def runtime_decode(engine: LLMEngine, prompt: list[int], batch: int, steps: int) -> float:
@@ -72,14 +66,9 @@ def runtime_decode(engine: LLMEngine, prompt: list[int], batch: int, steps: int)
     engine._drain_inbox()
     while any(s.in_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
-    engine.step()  # warm-up decode step
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
+    step_s = median_seconds(engine.step, steps)  # after one untimed decode step
     engine.run_until_done()
-    return batch / statistics.median(times)
+    return batch / step_s
 
 
 class StepClock:

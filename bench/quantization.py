@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import sysconfig
@@ -29,7 +28,7 @@ import sysconfig
 import torch
 
 import engram_kernels as kernels
-from bench import load_before_run, write_result
+from bench import load_before_run, median_seconds, write_result
 from engram_runtime.engine import EngineConfig, LLMEngine
 from engram_runtime.llm import LLM
 from engram_runtime.model import PackedLinear, linear_sources
@@ -64,16 +63,6 @@ def dense_weights(loaded: LoadedModel) -> dict[str, torch.Tensor]:
     return {name: torch.cat([sd[p] for p in parts]) for name, parts in linear_sources(loaded.config, sd).items()}
 
 
-def _median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def kernel(loaded: LoadedModel, rows_list: list[int], rounds: int, reps: int) -> dict:
     """ms per decode step's worth of each matmul kind (all layers), per variant and row count."""
     weights = dense_weights(loaded)
@@ -104,7 +93,7 @@ def kernel(loaded: LoadedModel, rows_list: list[int], rounds: int, reps: int) ->
             times: dict[str, list[float]] = {v: [] for v in fns}
             for _ in range(rounds):  # alternated, so drift hits every variant alike
                 for v, fn in fns.items():
-                    times[v].append(_median_time(fn, reps) * 1e3)
+                    times[v].append(median_seconds(fn, reps) * 1e3)
             row = {v: statistics.median(t) for v, t in times.items()}
             row["blocks_vs_bfloat16"] = row["bfloat16"] / row["blocks"]
             row["blocks_vs_float32"] = row["float32"] / row["blocks"]
