@@ -18,7 +18,6 @@ backend:
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -32,6 +31,7 @@ from engram_runtime.model_runner import Chunk, ModelRunner
 from engram_runtime.native_prefetch import NativePrefetcher
 from engram_runtime.prefetch import Prefetcher
 from offload.store import HOST_PLACEMENTS, TableSet
+from offload.tablefile import TableFileError
 
 HOST_READS = ("uva", "staging")  # how a GPU reads tables in host memory: itself, or copies staged by CPU threads
 
@@ -108,8 +108,9 @@ class EngramRunner:
         file that the mmap tier serves from was removed or changed size (every gather of it would
         fail), or a backend's worker stopped. Cheap: readiness probes call it every few seconds."""
         for layer_id in self.tables.layer_ids:
-            table = self.tables[layer_id]
-            if table.placement == "mmap" and not _file_intact(table.header.path, table.header.file_nbytes):
+            try:
+                self.tables[layer_id].check_file()
+            except TableFileError:  # its message names the file, which a readiness body must not
                 return f"the Engram table of layer {layer_id} is unreadable: its file was removed or changed size"
         for backend in self.backends:
             if isinstance(backend, Prefetcher) and (problem := backend.check_health()) is not None:
@@ -151,11 +152,3 @@ class EngramRunner:
         for backend in self.backends:
             backend.close()
         self.tables.close()
-
-
-def _file_intact(path, nbytes: int) -> bool:
-    """Whether the file is still there with the size it was mapped at."""
-    try:
-        return os.stat(path).st_size == nbytes
-    except OSError:
-        return False

@@ -150,8 +150,11 @@ class EngramTable:
             self._view = self.device.host_view(self._tier, f"table {self.header.path}")
         return self._view[0]
 
-    def _check_file(self) -> None:
-        """mmap tier: fail clearly if the mapped file vanished or shrank (touching it would SIGBUS)."""
+    def check_file(self) -> None:
+        """mmap tier: fail clearly (TableFileError) if the mapped file vanished, was replaced or
+        changed size (touching it would SIGBUS); other placements hold their rows, nothing to check."""
+        if self._fd is None:
+            return
         st = os.fstat(self._fd)
         if st.st_nlink == 0:
             raise TableFileError(f"table file {self.header.path} was deleted or replaced while mapped "
@@ -179,7 +182,7 @@ class EngramTable:
             return None, take_rows(self._tier, rows)
         slot, staging = self._stage(len(rows))
         if self.placement == "mmap":
-            self._check_file()
+            self.check_file()
             self._take_mapped(rows, as_numpy(staging).view(self._rows_np.dtype))
         else:
             take_rows(self._tier, rows, out=staging)
