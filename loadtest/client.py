@@ -43,6 +43,7 @@ class RequestSettings:
     ignore_eos: bool = True
     api_key: str | None = None
     endpoint: str = "/v1/completions"
+    extra_body: dict = field(default_factory=dict)  # more request fields, e.g. a peer's own sampling knobs
 
 
 @dataclass
@@ -70,6 +71,7 @@ def request_body(req: SampleRequest, settings: RequestSettings) -> dict:
     }
     if settings.ignore_eos:
         body["ignore_eos"] = True  # vLLM's extension; exact output lengths
+    body.update(settings.extra_body)
     return body
 
 

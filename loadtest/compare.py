@@ -51,8 +51,21 @@ DEFAULT_VARIANTS = {
 
 @dataclass
 class Variant:
+    """One configuration: ``args`` appended to the comparison's server command, or, for another
+    server altogether (a peer such as vLLM or llama.cpp's), ``cmd``: its whole command line,
+    with ``env`` added to its environment and ``process`` the ServerProcess (sub)class that
+    starts it and knows when it is ready."""
+
     name: str
-    args: list[str]
+    args: list[str] = field(default_factory=list)
+    cmd: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    process: type[ServerProcess] = ServerProcess
+
+    def command(self, server_cmd: list[str], server_args: list[str]) -> list[str]:
+        if self.cmd is not None:
+            return list(self.cmd)
+        return list(server_cmd) + list(server_args) + list(self.args)
 
     @classmethod
     def parse(cls, spec: str, fill: dict[str, str]) -> "Variant":
@@ -140,9 +153,9 @@ def _run_round(cfg: CompareConfig, servers: dict[str, ServerProcess], variant: V
 
 def _server(cfg: CompareConfig, variant: Variant, rnd: int | None) -> ServerProcess:
     suffix = "" if rnd is None else f".round{rnd + 1}"
-    return ServerProcess(cfg.server_cmd + cfg.server_args + variant.args,
-                         cfg.out_dir / "logs" / f"{variant.name}{suffix}.log",
-                         startup_timeout=cfg.startup_timeout)
+    return variant.process(variant.command(cfg.server_cmd, cfg.server_args),
+                           cfg.out_dir / "logs" / f"{variant.name}{suffix}.log",
+                           startup_timeout=cfg.startup_timeout, env=variant.env)
 
 
 def run_compare(cfg: CompareConfig, requests: list[SampleRequest], run_kwargs: dict,
@@ -171,7 +184,7 @@ def run_compare(cfg: CompareConfig, requests: list[SampleRequest], run_kwargs: d
     return {
         "base": base,
         "rounds": cfg.rounds,
-        "variants": {v.name: cfg.server_cmd + cfg.server_args + v.args for v in cfg.variants},
+        "variants": {v.name: v.command(cfg.server_cmd, cfg.server_args) for v in cfg.variants},
         "workload": meta or {},
         "summary": aggregate(runs, base),
         "runs": runs,

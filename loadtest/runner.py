@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import httpx
@@ -44,6 +44,7 @@ class RunConfig:
     seed: int = 0
     progress: bool = True
     scrape: bool = True
+    extra_body: dict = field(default_factory=dict)  # added to every request body (RequestSettings)
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -111,7 +112,7 @@ async def run_async(cfg: RunConfig, requests: list[SampleRequest]) -> dict:
         model = cfg.model or await discover_model(client, cfg)
         settings = RequestSettings(
             model=model, temperature=cfg.temperature, ignore_eos=cfg.ignore_eos,
-            api_key=cfg.api_key, endpoint=cfg.endpoint,
+            api_key=cfg.api_key, endpoint=cfg.endpoint, extra_body=dict(cfg.extra_body),
         )
         if cfg.warmup_requests:
             warm = warmup_requests(requests, cfg.warmup_requests, cfg.seed)

