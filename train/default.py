@@ -10,8 +10,9 @@ the budget allows span every trained project instead of the biggest few.
 Memory: Engram layers 1 and 15, orders 2-3, 8 heads x 64 dims per order, ~2.1M rows per layer
 table (float32, so small Adagrad updates are not rounded away), rows started at
 N(0, TABLE_INIT_SCALE^2); sequence 256, batch 4, row-wise Adagrad on rows, AdamW on the dense
-part, backbone in bf16 while training (faster matmuls on the CPU; the final evaluation runs in
-float32 like the server). docs/training.md has the measurements behind these choices.
+part, backbone in bf16 while training where the CPU has bf16 dot products (AVX-512 BF16 or AMX;
+elsewhere torch's bf16 matmul is a plain loop, several times slower than float32, so float32
+there); the final evaluation runs in float32 like the server. docs/training.md has the measurements behind these choices.
 
 Time budget: the whole target must finish within `--budget-min` (45) minutes on the machine
 it runs on, so the token count is not fixed: a training step is timed first, and the run gets
@@ -40,7 +41,15 @@ from train.trainer import TrainConfig, train
 
 DEFAULT_DIR = Path("checkpoints/engram-smollm2-stdlib")
 ROWS_PER_HEAD = 131_072
-RECIPE = dict(dtype="bfloat16", seq_len=256, batch_size=4, table_lr=0.1, dense_lr=2e-3, warmup_steps=10,
+
+
+def training_dtype() -> str:
+    """bfloat16 where the CPU multiplies bf16 natively, else float32 (see the module docstring)."""
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bfloat16" if native_bf16 else "float32"
+
+
+RECIPE = dict(dtype=training_dtype(), seq_len=256, batch_size=4, table_lr=0.1, dense_lr=2e-3, warmup_steps=10,
               eval_every=100, eval_tokens=4096, ckpt_every=200, heldout_fraction=0.05, heldout_projects=0.2,
               file_tokens=2048, table_init_scale=0.01)
 FINAL_EVAL_TOKENS = 16_384      # per held-out set
