@@ -247,6 +247,6 @@ def block_linear(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, mins: 
 
 
 def block_linear_fast() -> bool:
-    """Whether block_linear was built with AVX-512, where it beats oneDNN's dense matmul for
-    decode steps; its plain-loop build elsewhere is correct but slower (docs/performance.md)."""
-    return native() is not None and native().block_linear_isa() == "avx512"
+    """Whether block_linear was built with AVX-512 or AVX2, where it beats oneDNN's dense matmul
+    for decode steps; its plain-loop build elsewhere is correct but slower (docs/performance.md)."""
+    return native() is not None and native().block_linear_isa() in ("avx512", "avx2")

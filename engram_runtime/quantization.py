@@ -113,7 +113,7 @@ def quantizable(weight_shape: tuple[int, ...]) -> bool:
 
 def serving_mode(mode: str) -> str:
     """The mode an engine serves when asked for `mode`: "auto" reads the file's blocks only where
-    the block kernel beats the dense matmul (its AVX-512 build; docs/performance.md), else
+    the block kernel beats the dense matmul (its AVX-512 and AVX2 builds; docs/performance.md), else
     serves dense weights; the other modes are served as asked."""
     return mode if mode != "auto" or kernels.block_linear_fast() else "none"
 

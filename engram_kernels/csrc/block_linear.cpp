@@ -10,15 +10,15 @@
 // Activations stay float32 (nothing is quantised but the weight, so the result is the
 // dequantised weight's matmul up to float32 rounding): sum_k w_k x_k over a block is
 // scale * sum_k q_k x_k + min * sum_k x_k, the second from each block's sum of x.
-// AVX-512 where the compiler targets it (-march=native on the machine that runs it), a
-// plain loop elsewhere. Keeping x in float32 keeps a step's logits those of the dense float32
+// AVX-512 or AVX2 with FMA where the compiler targets it (-march=native on the machine that
+// runs it), a plain loop elsewhere. Keeping x in float32 keeps a step's logits those of the dense float32
 // matmul up to rounding, so a sequence decodes alike alone (blocks) and in a large batch (dense);
 // rounding x to int8 for VNNI dot products, as llama.cpp does, did not keep that
 // (docs/performance.md, "Quantized weights").
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -74,8 +74,50 @@ void scaled_dots(const Weight& w, int64_t n, const float* x0, float* dots) {
   }
   for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_ps(acc[r]);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// The 32 values of block b of row n as four float vectors of eight (values 0-7, 8-15, 16-23, 24-31).
+inline void decode_block(const Weight& w, int64_t n, int64_t b, __m256 v[4]) {
+  if (w.bits == 4) {
+    const uint8_t* q = w.qs + n * (w.K / 2) + b * (kBlock / 2);
+    const __m256i mask = _mm256_set1_epi32(0xF);
+    for (int h = 0; h < 2; ++h) {  // bytes 8h .. 8h+8: values 8h.. in low nibbles, 16+8h.. in high ones
+      const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * h)));
+      v[h] = _mm256_cvtepi32_ps(_mm256_and_si256(z, mask));
+      v[h + 2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(z, 4));
+    }
+  } else {
+    const uint8_t* q = w.qs + n * w.K + b * kBlock;
+    for (int i = 0; i < 4; ++i)
+      v[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i))));
+  }
+}
+
+inline float reduce_add(__m256 a) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+template <int R>
+void scaled_dots(const Weight& w, int64_t n, const float* x0, float* dots) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const float* scale = w.scales + n * w.nb;
+  for (int64_t b = 0; b < w.nb; ++b) {
+    __m256 v[4];
+    decode_block(w, n, b, v);
+    const __m256 d = _mm256_set1_ps(scale[b]);
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x0 + r * w.K + b * kBlock;
+      __m256 t = _mm256_mul_ps(v[0], _mm256_loadu_ps(xb));
+      for (int i = 1; i < 4; ++i) t = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xb + 8 * i), t);
+      acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) dots[r] = reduce_add(acc[r]);
+}
 #else
-// The plain loop (CPUs without AVX-512): the block's 32 values decoded once for all R rows.
+// The plain loop (CPUs without AVX-512 or AVX2): the block's 32 values decoded once for all R rows.
 template <int R>
 void scaled_dots(const Weight& w, int64_t n, const float* x0, float* dots) {
   for (int r = 0; r < R; ++r) dots[r] = 0.f;
@@ -160,11 +202,13 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qs, const at::Ten
   return out;
 }
 
-// Which code computes block_linear: "avx512", or "generic" (the plain loop, slower than oneDNN's
-// dense matmul: --quantization auto then serves the dense weights).
+// Which code computes block_linear: "avx512", "avx2", or "generic" (the plain loop, slower than
+// oneDNN's dense matmul: --quantization auto then serves the dense weights).
 std::string block_linear_isa() {
 #if defined(__AVX512F__)
   return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
 #else
   return "generic";
 #endif
