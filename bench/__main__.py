@@ -12,7 +12,8 @@ import sys
 
 from bench import load_before_run
 
-BENCHMARKS = ("hashing", "generate", "quantization", "warm_up", "offload", "engram_step", "overhead", "scaleout", "train")
+BENCHMARKS = ("hashing", "generate", "quantization", "warm_up", "offload", "engram_step", "overhead", "scaleout", "peers",
+              "train")
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,8 @@ llama.cpp's server through `llama-cpp-python[server]` (serving the GGUF file its
 a venv of its own (bench/peer_setup.py; cached under ~/.cache/engram-serve/peers), beside
 engram-serve with Engram tables in RAM (`--engram`, `--table-gb` of bf16 tables made by
 engram-init) and without (`--no-engram`), both on the GGUF with the default
-`--quantization auto` and `--dtype bfloat16` (`--engram-dtype`).
+`--quantization auto` and `--dtype bfloat16` where the CPU has bf16 dot products, float32
+elsewhere (`--engram-dtype`; vLLM likewise, `--vllm-dtype`).
 
 One server is up at a time (2 cores): in each round every server is started, runs every
 concurrency level (a short warm-up first, then the measured requests), and is stopped; the
@@ -51,6 +52,7 @@ from pathlib import Path
 
 from bench import load_before_run
 from bench.peer_setup import CACHE, PeerEnv, PeerMissing, cpu_flags, last_error, setup_llamacpp, setup_vllm
+from engram_runtime.model_runner import cpu_has_bf16_dot
 from loadtest.compare import KEPT_LISTS, Variant, aggregate
 from loadtest.process import REPO, ServerProcess, ServerStartError, engram_serve_cmd
 from loadtest.report import write_json
@@ -85,8 +87,10 @@ class PeersConfig:
     temperature: float = 1.0
     warmup_len: int = 16  # output tokens of each warm-up request (min(c, 16) of them per level)
     table_gb: float = 1.0
-    engram_dtype: str = "bfloat16"
-    vllm_dtype: str = "bfloat16"  # the export's dtype; float32 for a CPU without AVX-512 BF16 may suit vLLM better
+    # compute dtypes: bfloat16 (the export's) where the CPU multiplies it natively, else float32
+    # (the same values: the export's bf16 weights widen exactly), as a user would pick
+    engram_dtype: str = field(default_factory=lambda: "bfloat16" if cpu_has_bf16_dot() else "float32")
+    vllm_dtype: str = field(default_factory=lambda: "bfloat16" if cpu_has_bf16_dot() else "float32")
     threads: int = 2  # llama.cpp's --n_threads; vLLM binds to every core, engram-serve picks its own
     startup_timeout: float = 900.0
     ckpt_dir: Path = Path.home() / ".cache" / "engram-serve" / "loadtest"
@@ -410,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="default 3")
     p.add_argument("--output-len", type=int, default=None, help="default 128")
     p.add_argument("--table-gb", type=float, default=None, help="Engram tables, GB of bf16 (default 1)")
-    p.add_argument("--engram-dtype", default=None, choices=["float32", "bfloat16"], help="default bfloat16")
-    p.add_argument("--vllm-dtype", default=None, choices=["float32", "bfloat16"], help="default bfloat16")
+    for who in ("engram", "vllm"):
+        p.add_argument(f"--{who}-dtype", default=None, choices=["float32", "bfloat16"],
+                       help="default bfloat16 where the CPU has bf16 dot products, else float32")
     p.add_argument("--out-dir", type=Path, default=None, help="where the JSON, Markdown and PNG go "
                    "(default bench/results; /tmp/engram-bench-peers with --quick)")
     p.add_argument("--quick", action="store_true", help="toy scale, to check the pipeline (writes to /tmp)")

@@ -35,6 +35,13 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def cpu_has_bf16_dot() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX). Elsewhere torch's bf16
+    matmuls are plain loops, several times slower than float32 (docs/performance.md), so a CPU
+    caller picking a compute dtype for speed picks float32 there."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 @dataclass
 class Chunk:
     """One sequence's part of a step: its KV slot, its new tokens and the first one's position."""

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from engram_runtime.checkpoint import backbone_info, default_config, init_checkpoint
+from engram_runtime.model_runner import cpu_has_bf16_dot
 from train import ckpt_store
 from train.cli import run_cli
 from train.corpus import PYTHON_SUFFIXES, default_corpus, discover
@@ -43,13 +44,7 @@ DEFAULT_DIR = Path("checkpoints/engram-smollm2-stdlib")
 ROWS_PER_HEAD = 131_072
 
 
-def training_dtype() -> str:
-    """bfloat16 where the CPU multiplies bf16 natively, else float32 (see the module docstring)."""
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bfloat16" if native_bf16 else "float32"
-
-
-RECIPE = dict(dtype=training_dtype(), seq_len=256, batch_size=4, table_lr=0.1, dense_lr=2e-3, warmup_steps=10,
+RECIPE = dict(dtype="bfloat16" if cpu_has_bf16_dot() else "float32", seq_len=256, batch_size=4, table_lr=0.1, dense_lr=2e-3, warmup_steps=10,
               eval_every=100, eval_tokens=4096, ckpt_every=200, heldout_fraction=0.05, heldout_projects=0.2,
               file_tokens=2048, table_init_scale=0.01)
 FINAL_EVAL_TOKENS = 16_384      # per held-out set
