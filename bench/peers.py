@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -92,6 +93,7 @@ class PeersConfig:
     engram_dtype: str = field(default_factory=lambda: "bfloat16" if cpu_has_bf16_dot() else "float32")
     vllm_dtype: str = field(default_factory=lambda: "bfloat16" if cpu_has_bf16_dot() else "float32")
     threads: int = 2  # llama.cpp's --n_threads; vLLM binds to every core, engram-serve picks its own
+    engram_args: list[str] = field(default_factory=list)  # more engram-serve options, e.g. --threads 2
     startup_timeout: float = 900.0
     ckpt_dir: Path = Path.home() / ".cache" / "engram-serve" / "loadtest"
     out_dir: Path = RESULTS
@@ -134,7 +136,8 @@ def make_server(name: str, cfg: PeersConfig, gguf: str, engram_ckpt: Path | None
     max_seqs = str(max(cfg.concurrencies))
     clean = {"PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}  # a peer's venv must not see this checkout
     if name in ("engram", "no-engram"):
-        args = ["--dtype", cfg.engram_dtype, "--max-num-seqs", max_seqs, "--served-model-name", MODEL_NAME]
+        args = ["--dtype", cfg.engram_dtype, "--max-num-seqs", max_seqs, "--served-model-name", MODEL_NAME,
+                *cfg.engram_args]
         if name == "engram":
             from loadtest.checkpoints import create_checkpoint, vocab_for_table_gb
 
@@ -417,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     for who in ("engram", "vllm"):
         p.add_argument(f"--{who}-dtype", default=None, choices=["float32", "bfloat16"],
                        help="default bfloat16 where the CPU has bf16 dot products, else float32")
+    p.add_argument("--engram-args", default=None, help="more engram-serve options for both of its variants, "
+                   "one shell-quoted string (e.g. '--threads 2')")
     p.add_argument("--out-dir", type=Path, default=None, help="where the JSON, Markdown and PNG go "
                    "(default bench/results; /tmp/engram-bench-peers with --quick)")
     p.add_argument("--quick", action="store_true", help="toy scale, to check the pipeline (writes to /tmp)")
@@ -427,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in (("concurrencies", args.concurrency), ("num_prompts", args.num_prompts),
                            ("rounds", args.rounds), ("output_len", args.output_len), ("table_gb", args.table_gb),
                            ("engram_dtype", args.engram_dtype), ("vllm_dtype", args.vllm_dtype),
-                           ("out_dir", args.out_dir)):
+                           ("out_dir", args.out_dir),
+                           ("engram_args", shlex.split(args.engram_args) if args.engram_args else None)):
             if value is not None:
                 setattr(cfg, key, value)
         cfg.__post_init__()
