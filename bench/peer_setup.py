@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import engram_kernels as kernels
+
 CACHE = Path.home() / ".cache" / "engram-serve" / "peers"
 VLLM_VERSION = "0.32.0"
 LLAMACPP_VERSION = "0.3.36"
@@ -63,16 +65,6 @@ class PeerEnv:
     @property
     def python(self) -> Path:
         return self.venv / "bin" / "python"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _step(log: Path, what: str, cmd: list[str], env: dict | None = None, timeout: float = 3600) -> None:
@@ -176,7 +168,7 @@ print(repr(out["choices"][0]["text"]))
 def llamacpp_builds() -> list[tuple[str, str]]:
     """(label, CMAKE_ARGS) to try in order: AVX-512 first only where the CPU has it."""
     builds = [("avx2", AVX2)]
-    if "avx512f" in cpu_flags():
+    if "avx512f" in kernels.cpu_flags():
         builds.insert(0, ("avx512", AVX512))
     return builds
 

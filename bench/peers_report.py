@@ -7,7 +7,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from bench.peer_setup import cpu_flags
+import engram_kernels as kernels
 from loadtest.compare import aggregate
 from loadtest.report import write_json
 
@@ -151,7 +151,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "avx512": "avx512f" in cpu_flags()}
+    return {"cpu": cpu, "cpus": os.cpu_count(), "avx512": "avx512f" in kernels.cpu_flags()}
 
 
 def write(report: dict, out_dir: Path, name: str) -> None:

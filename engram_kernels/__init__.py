@@ -70,6 +70,12 @@ def _cpu_flags() -> str:
     return next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as /proc/cpuinfo names them (avx2, fma, avx512f, ...); empty off Linux."""
+    line = _cpu_flags()
+    return set(line.split(":", 1)[1].split()) if line.startswith("flags") else set()
+
+
 @functools.cache
 def native() -> ModuleType | None:
     """The compiled kernels (built on first use, or loaded from torch's extension cache);

@@ -12,7 +12,8 @@ table (float32, so small Adagrad updates are not rounded away), rows started at
 N(0, TABLE_INIT_SCALE^2); sequence 256, batch 4, row-wise Adagrad on rows, AdamW on the dense
 part, backbone in bf16 while training where the CPU has bf16 dot products (AVX-512 BF16 or AMX;
 elsewhere torch's bf16 matmul is a plain loop, several times slower than float32, so float32
-there); the final evaluation runs in float32 like the server. docs/training.md has the measurements behind these choices.
+there); the final evaluation runs in float32 like the server. docs/training.md has the
+measurements behind these choices.
 
 Time budget: the whole target must finish within `--budget-min` (45) minutes on the machine
 it runs on, so the token count is not fixed: a training step is timed first, and the run gets
@@ -42,8 +43,6 @@ from train.trainer import TrainConfig, train
 
 DEFAULT_DIR = Path("checkpoints/engram-smollm2-stdlib")
 ROWS_PER_HEAD = 131_072
-
-
 RECIPE = dict(dtype="bfloat16" if cpu_has_bf16_dot() else "float32", seq_len=256, batch_size=4, table_lr=0.1,
               dense_lr=2e-3, warmup_steps=10, eval_every=100, eval_tokens=4096, ckpt_every=200,
               heldout_fraction=0.05, heldout_projects=0.2, file_tokens=2048, table_init_scale=0.01)

@@ -2,8 +2,6 @@
 and an engine serving them decodes what the dense model of the same values decodes."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -60,10 +58,7 @@ def test_block_linear_is_the_matmul_of_the_dequantized_weight(mode, rows, dtype,
 
 def test_the_block_kernel_is_built_for_this_cpus_vector_unit():
     """-march=native: AVX-512 where the CPU has it, else AVX2 with FMA, else the plain loop."""
-    flags = set()
-    if Path("/proc/cpuinfo").is_file():
-        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                 for f in line.split(":", 1)[1].split()}
+    flags = kernels.cpu_flags()
     expected = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "generic"
     assert kernels.native().block_linear_isa() == expected
 
