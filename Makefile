@@ -30,6 +30,7 @@ serve: setup
 	$(VENV)/bin/engram-serve
 
 test: setup system-deps
+	$(VENV)/bin/ruff check --no-cache .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -rs
 

@@ -97,14 +97,19 @@ def bench_backbone(runtime, reps: int, quick: bool) -> dict:
     config, sd, ModelRunner, Chunk = runtime
     out = {}
     ctx = 256
-    for dname, dtype in DTYPES.items():
-        runner = ModelRunner(config, sd, dtype, num_slots=max(BATCHES), max_model_len=PREFILL + 8)
-        for b in BATCHES:
-            rows = [Chunk(slot=i, token_ids=[100 + i], start_pos=ctx) for i in range(b)]
-            out[f"decode_step_{dname}_batch{b}"] = time_us(lambda: runner.forward(rows), reps)
-        prompt = [Chunk(slot=0, token_ids=list(range(1000, 1000 + PREFILL)), start_pos=0)]
-        out[f"prefill_{PREFILL}_{dname}"] = time_us(lambda: runner.forward(prompt), 1 if quick else 3, warmup=1)
-        del runner
+    for dname, dtype in DTYPES.items():  # one runner alive at a time
+        out.update(_bench_runner(ModelRunner(config, sd, dtype, num_slots=max(BATCHES), max_model_len=PREFILL + 8),
+                                 Chunk, dname, ctx, reps, quick))
+    return out
+
+
+def _bench_runner(runner, Chunk, dname: str, ctx: int, reps: int, quick: bool) -> dict:
+    out = {}
+    for b in BATCHES:
+        rows = [Chunk(slot=i, token_ids=[100 + i], start_pos=ctx) for i in range(b)]
+        out[f"decode_step_{dname}_batch{b}"] = time_us(lambda: runner.forward(rows), reps)
+    prompt = [Chunk(slot=0, token_ids=list(range(1000, 1000 + PREFILL)), start_pos=0)]
+    out[f"prefill_{PREFILL}_{dname}"] = time_us(lambda: runner.forward(prompt), 1 if quick else 3, warmup=1)
     return out
 
 

@@ -29,12 +29,16 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from offload.cache import POLICIES, RowCache
 from offload.store import TableSet
+
+if TYPE_CHECKING:
+    from engram_runtime.checkpoint import EngramCheckpoint
 
 LAYERS = (1, 15)
 HEADS, HEAD_DIM, ROW_BYTES = 16, 64, 128
@@ -68,7 +72,7 @@ def _timed_loop(fn, batches, seconds: float) -> tuple[float, int]:
     return done_rows / (time.perf_counter() - t0), calls
 
 
-def make_checkpoint(cfg: BenchConfig) -> "EngramCheckpoint":
+def make_checkpoint(cfg: BenchConfig) -> EngramCheckpoint:
     """engram-init's default layout for the default backbone, bf16 tables totalling --gb; the one
     already in --dir is reused when it has that layout."""
     from engram_runtime.checkpoint import backbone_info, load_checkpoint
@@ -117,19 +121,23 @@ def disk_random_reads(path: Path, seconds: float, queue_depth: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
+def _measure_host(cfg: BenchConfig, ckpt, uniform: list[np.ndarray]) -> dict:
+    """The host tier against np.take of the same rows from the same memory (the DRAM limit)."""
+    host = TableSet.open(ckpt.path, ckpt.tables_manifest, placement="host")
+    raw = host[1].resident.view(torch.uint8).numpy()
+    staging = np.empty((len(uniform[0]), ROW_BYTES), np.uint8)
+    dram, _ = _timed_loop(lambda b: np.take(raw, b, axis=0, out=staging), uniform, cfg.seconds)
+    rows, _ = _timed_loop(host[1].gather, uniform, cfg.seconds)
+    return {"dram_limit_rows_per_s": dram, "host_rows_per_s": rows, "host_vs_dram_limit": rows / dram}
+
+
 def measure_gathers(cfg: BenchConfig, ckpt) -> dict:
     """Random uniform rows: the worst case for every tier (no locality, no cache)."""
     rng = np.random.default_rng(0)
     num_rows = ckpt.tables_manifest["1"]["shape"][0]
     uniform = [rng.integers(0, num_rows, cfg.batch_tokens * HEADS) for _ in range(256)]
     out: dict = {"rows_per_gather": cfg.batch_tokens * HEADS}
-    host = TableSet.open(ckpt.path, ckpt.tables_manifest, placement="host")
-    raw = host[1].resident.view(torch.uint8).numpy()
-    staging = np.empty((len(uniform[0]), ROW_BYTES), np.uint8)
-    out["dram_limit_rows_per_s"], _ = _timed_loop(lambda b: np.take(raw, b, axis=0, out=staging), uniform, cfg.seconds)
-    out["host_rows_per_s"], _ = _timed_loop(host[1].gather, uniform, cfg.seconds)
-    out["host_vs_dram_limit"] = out["host_rows_per_s"] / out["dram_limit_rows_per_s"]
-    del host, raw
+    out.update(_measure_host(cfg, ckpt, uniform))  # the host copy is freed before the disk reads
     path = ckpt.table_path(1)
     out["disk_limit_qd1_reads_per_s"] = disk_random_reads(path, cfg.seconds, 1)
     out["disk_limit_qd8_reads_per_s"] = disk_random_reads(path, cfg.seconds, 8)

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from bench import load_before_run
 from bench.peer_setup import CACHE, PeerEnv, PeerMissing, last_error, setup_llamacpp, setup_vllm
-from bench.peers_report import machine, summarize, write
+from bench.peers_report import machine, markdown, summarize, write
 from engram_runtime.model_runner import cpu_has_bf16_dot
 from loadtest.compare import KEPT_LISTS, Variant
 from loadtest.process import REPO, ServerProcess, ServerStartError, engram_serve_cmd

@@ -18,11 +18,14 @@ import bisect
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
 import engram_kernels as kernels
+
+if TYPE_CHECKING:
+    import torch
 
 # Upper bounds (seconds) of the gather and wait histograms: a gather or a wait is microseconds (row
 # already there) to tens of milliseconds (cold mmap pages). A value equal to a bound counts in its
@@ -100,7 +103,7 @@ class TableStats:
         self._lock = threading.Lock()
         self._layers: dict[int, LayerStats] = {}
         self._native: list[tuple[list[int], NativeCounters]] = []
-        self._device_bitmaps: list[tuple[int, "torch.Tensor"]] = []
+        self._device_bitmaps: list[tuple[int, torch.Tensor]] = []
 
     def add_layer(self, layer_id: int, num_rows: int, row_bytes: int, table_bytes: dict[str, int]) -> None:
         with self._lock:

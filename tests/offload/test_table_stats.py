@@ -4,9 +4,7 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
-import engram_kernels as kernels
 from offload.stats import BUCKETS, Gather, TableStats
 
 
