@@ -73,11 +73,16 @@ class ModelsReadyProcess(ServerProcess):
         return super().url("/v1/models" if path == "/health" else path)
 
 
+def default_prompts(concurrency: int) -> int:
+    """Measured requests at a level: two waves of it, 8 to 64 (8, 32, 64 at 1, 16, 64)."""
+    return max(8, min(2 * concurrency, 64))
+
+
 @dataclass
 class PeersConfig:
     peers: list[str] = field(default_factory=lambda: list(ALL))
     concurrencies: list[int] = field(default_factory=lambda: [1, 16, 64])
-    num_prompts: list[int] = field(default_factory=lambda: [8, 32, 64])  # one per concurrency
+    num_prompts: list[int] | None = None  # one per concurrency; default_prompts(c) each
     rounds: int = 3
     output_len: int = 128
     temperature: float = 1.0
@@ -98,7 +103,9 @@ class PeersConfig:
         unknown = sorted(set(self.peers) - set(ALL))
         if unknown:
             raise ValueError(f"unknown peers {unknown}; known: {' '.join(ALL)}")
-        if len(self.num_prompts) == 1:
+        if self.num_prompts is None:
+            self.num_prompts = [default_prompts(c) for c in self.concurrencies]
+        elif len(self.num_prompts) == 1:
             self.num_prompts = self.num_prompts * len(self.concurrencies)
         if len(self.num_prompts) != len(self.concurrencies):
             raise ValueError("--num-prompts takes one value, or one per --concurrency level")
@@ -260,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", nargs="+", default=list(ALL), choices=ALL, help="servers to run (default: all)")
     p.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels (default 1 16 64)")
     p.add_argument("--num-prompts", type=int, nargs="+", default=None,
-                   help="measured requests per level: one value, or one per level (default 8 32 64)")
+                   help="measured requests per level: one value, or one per level (default twice the "
+                   "level, 8 to 64: 8 32 64)")
     p.add_argument("--rounds", type=int, default=None, help="default 3")
     p.add_argument("--output-len", type=int, default=None, help="default 128")
     p.add_argument("--table-gb", type=float, default=None, help="Engram tables, GB of bf16 (default 1)")

@@ -34,6 +34,14 @@ def test_variant_with_its_own_command():
     assert Variant("c").process is ServerProcess
 
 
+def test_measured_requests_follow_the_levels_asked_for():
+    assert peers.PeersConfig().num_prompts == [8, 32, 64]
+    assert peers.PeersConfig(concurrencies=[16]).num_prompts == [32]
+    assert peers.PeersConfig(concurrencies=[1, 4], num_prompts=[5]).num_prompts == [5, 5]
+    with pytest.raises(ValueError, match="one per --concurrency level"):
+        peers.PeersConfig(concurrencies=[1, 4], num_prompts=[5, 6, 7])
+
+
 def test_peer_without_its_venv_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(peers, "_peer_env", lambda name, gguf: PeerEnv(name, tmp_path / "no-such-venv"))
     servers, missing = peers.prepare(small_cfg(tmp_path, peers=["llamacpp"]), "model.gguf")
