@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench import load_before_run
@@ -262,7 +262,7 @@ def build_report(cfg: PeersConfig, gguf: str, servers: list[Server], missing: di
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[PeersConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n\n")[1])
     p.add_argument("--peers", nargs="+", default=list(ALL), choices=ALL, help="servers to run (default: all)")
     p.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels (default 1 16 64)")
@@ -283,18 +283,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setup-only", action="store_true", help="install the peers, export the model, and exit")
     args = p.parse_args(argv)
     try:
-        cfg = quick_config(args.peers) if args.quick else PeersConfig(peers=args.peers)
-        for key, value in (("concurrencies", args.concurrency), ("num_prompts", args.num_prompts),
-                           ("rounds", args.rounds), ("output_len", args.output_len), ("table_gb", args.table_gb),
-                           ("engram_dtype", args.engram_dtype), ("vllm_dtype", args.vllm_dtype),
-                           ("out_dir", args.out_dir),
-                           ("engram_args", shlex.split(args.engram_args) if args.engram_args else None)):
-            if value is not None:
-                setattr(cfg, key, value)
-        cfg.__post_init__()
+        given = {key: value for key, value in (
+            ("concurrencies", args.concurrency), ("num_prompts", args.num_prompts), ("rounds", args.rounds),
+            ("output_len", args.output_len), ("table_gb", args.table_gb), ("engram_dtype", args.engram_dtype),
+            ("vllm_dtype", args.vllm_dtype), ("out_dir", args.out_dir),
+            ("engram_args", shlex.split(args.engram_args) if args.engram_args else None)) if value is not None}
+        cfg = replace(quick_config(args.peers), **given) if args.quick else PeersConfig(peers=args.peers, **given)
     except ValueError as exc:
         p.error(str(exc))
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> int:
     from engram_runtime.weights import default_model_path
+
+    cfg, args = parse_args(argv)
 
     gguf = default_model_path()
     print(f"model: {gguf}; peer venvs and the exported model under {CACHE}", flush=True)

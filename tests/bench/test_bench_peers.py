@@ -38,6 +38,8 @@ def test_measured_requests_follow_the_levels_asked_for():
     assert peers.PeersConfig().num_prompts == [8, 32, 64]
     assert peers.PeersConfig(concurrencies=[16]).num_prompts == [32]
     assert peers.PeersConfig(concurrencies=[1, 4], num_prompts=[5]).num_prompts == [5, 5]
+    assert peers.parse_args(["--concurrency", "1"])[0].num_prompts == [8]
+    assert peers.parse_args(["--quick", "--concurrency", "1", "3"])[0].num_prompts == [2, 2]
     with pytest.raises(ValueError, match="one per --concurrency level"):
         peers.PeersConfig(concurrencies=[1, 4], num_prompts=[5, 6, 7])
 
