@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
 import traceback
@@ -183,10 +184,31 @@ class LLMEngine:
         return graphs
 
     # ---- public API (any thread) ----
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="engram-engine", daemon=True)
-            self._thread.start()
+    @classmethod
+    def launch(cls, *args, **kwargs) -> "LLMEngine":
+        """Build an engine on a new thread that then runs its step loop; return it once built
+        (re-raising what the build raised). Loading and stepping share the thread because OpenMP
+        keeps a pool of workers for every thread that ran a parallel op, and libgomp spins its
+        waiting workers only while no more threads than cores sit in pools: a loader's idle pool
+        beside the engine's makes every parallel op of a step sleep and wake its workers instead,
+        which doubles a two-thread decode step (docs/performance.md, "Compute threads")."""
+        built: queue.SimpleQueue = queue.SimpleQueue()
+
+        def run() -> None:
+            try:
+                engine = cls(*args, **kwargs)
+            except BaseException as exc:  # the caller re-raises it
+                built.put(exc)
+                return
+            engine._thread = threading.current_thread()
+            built.put(engine)
+            engine._loop()
+
+        threading.Thread(target=run, name="engram-engine", daemon=True).start()
+        result = built.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def add_request(
         self,

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "kernel is faster than dense), none, or at most 8 / 4 bits")
     m.add_argument("--max-model-len", type=int, default=None, help="context window in tokens (default: the model's)")
     m.add_argument("--threads", type=int, default=None, help="torch compute threads (default: the CPUs this "
-                   "process may use, less one for the HTTP side)")
+                   "process may use)")
     e = p.add_argument_group("engram memory")
     e.add_argument("--engram", default=None, metavar="DIR", help="Engram checkpoint directory (default: the "
                    "trained default in the cache if present, else an untrained one created there on first start)")
@@ -209,13 +209,13 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
 
 
 def set_compute_threads(threads: int | None) -> None:
-    """Leave one CPU to the event loop, streaming and tokenizer by default. torch's OpenMP
-    threads wait for each other at every op, so one of them descheduled by the HTTP side
-    stalls the whole step (docs/performance.md, "Decode throughput")."""
+    """Every CPU this process may use by default: the HTTP side's share is small, and a
+    decode step on both of 2 cores beats one on one at every concurrency measured
+    (docs/performance.md, "Compute threads")."""
     import torch
 
     if threads is None:
-        threads = max(1, len(os.sched_getaffinity(0)) - 1)
+        threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     logging.getLogger("engram_serve").info("torch compute threads: %d", threads)
 

@@ -158,8 +158,7 @@ class EngineClient:
     async def load(self) -> None:
         """Build and start the engine off the event loop, so /health answers 503 meanwhile."""
         try:
-            engine = await asyncio.to_thread(LLMEngine, self.engine_config)
-            engine.start()
+            engine = await asyncio.to_thread(LLMEngine.launch, self.engine_config)
         except Exception as e:
             self.state = State.FAILED
             self.load_error = type(e).__name__

@@ -14,8 +14,7 @@ TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def engine(loaded_model):
-    eng = LLMEngine(EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=256), loaded_model)
-    eng.start()
+    eng = LLMEngine.launch(EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=256), loaded_model)
     yield eng
     eng.shutdown()
 
@@ -123,9 +122,35 @@ def test_more_requests_than_slots_all_finish(engine, prompt_ids):
 
 
 def test_shutdown_aborts_in_flight(loaded_model, prompt_ids):
-    eng = LLMEngine(EngineConfig(max_num_seqs=2, max_model_len=64), loaded_model)
-    eng.start()
+    eng = LLMEngine.launch(EngineConfig(max_num_seqs=2, max_model_len=64), loaded_model)
     _, q = submit(eng, prompt_ids[0], SamplingParams(max_tokens=60, ignore_eos=True))
     q.get(timeout=TIMEOUT)
     eng.shutdown()
     assert drain(q)[-1].finish_reason == "abort"
+
+
+def test_launch_builds_the_engine_on_the_thread_that_steps_it(loaded_model, prompt_ids, monkeypatch):
+    """One thread for all of the engine's compute: its OpenMP pool is then the only one (see launch)."""
+    threads = {}
+    build = LLMEngine._runner
+    step = LLMEngine.step
+
+    def record(key, fn):
+        def wrapped(self, *a, **kw):
+            threads[key] = threading.current_thread().name
+            return fn(self, *a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(LLMEngine, "_runner", record("build", build))
+    monkeypatch.setattr(LLMEngine, "step", record("step", step))
+    eng = LLMEngine.launch(EngineConfig(max_num_seqs=2, max_model_len=64), loaded_model)
+    try:
+        drain(submit(eng, prompt_ids[0], SamplingParams(max_tokens=2, ignore_eos=True))[1])
+    finally:
+        eng.shutdown()
+    assert threads == {"build": "engram-engine", "step": "engram-engine"}
+
+
+def test_launch_reraises_what_the_build_raised(loaded_model):
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLMEngine.launch(EngineConfig(max_num_seqs=0), loaded_model)

@@ -54,13 +54,13 @@ def test_startup_errors_are_one_line(argv, env, message, monkeypatch, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_compute_threads_leave_one_cpu_by_default():
+def test_compute_threads_use_every_cpu_by_default():
     import torch
 
     before = torch.get_num_threads()
     try:
         set_compute_threads(None)
-        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
         set_compute_threads(1)
         assert torch.get_num_threads() == 1
     finally:
