@@ -45,7 +45,7 @@ class EngineConfig:
     table_dtype: str | None = None
     engram_host_read: str = "uva"  # on CUDA, host tables read by the GPU itself, or "staging"
     cache_rows: int = 0
-    prefetch: bool = True
+    prefetch: bool | None = None  # rows fetched ahead; None: where it pays (EngramRunner)
     verify_tables: bool = False
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096

@@ -18,6 +18,8 @@ backend:
 """
 from __future__ import annotations
 
+import logging
+import os
 
 import torch
 
@@ -33,16 +35,29 @@ from engram_runtime.prefetch import Prefetcher
 from offload.store import HOST_PLACEMENTS, TableSet
 from offload.tablefile import TableFileError
 
+log = logging.getLogger(__name__)
 HOST_READS = ("uva", "staging")  # how a GPU reads tables in host memory: itself, or copies staged by CPU threads
+
+
+def _core_left_for_prefetch() -> bool:
+    """On the CPU a prefetch thread pays only with a core of its own: beside compute threads on
+    every core it deschedules one of them, and every parallel op of the step then waits for
+    that one (docs/performance.md, "Compute threads")."""
+    left = len(os.sched_getaffinity(0)) > torch.get_num_threads()
+    if not left:
+        log.info("engram rows fetched inline: the compute threads use every core")
+    return left
 
 
 class EngramRunner:
     def __init__(self, layers: dict[int, EngramLayer], hasher: NgramHasher, tables: TableSet, num_slots: int,
-                 dtype: torch.dtype, prefetch: bool = True, host_read: str = "uva"):
+                 dtype: torch.dtype, prefetch: bool | None = None, host_read: str = "uva"):
         """layers: float32 EngramLayers (mix() is a few small ops on the float32 residual stream),
         moved to the tables' compute device; num_slots: every per-slot state's rows (the model
         runner's cache_slots); dtype: the backbone's, in which the projections, the layers' only
-        matmuls, run; host_read: on CUDA, how host tables are read (HOST_READS)."""
+        matmuls, run; prefetch: rows fetched ahead on a side thread or stream (None: on a GPU, and
+        on the CPU where a core is left for the thread); host_read: on CUDA, how host tables are
+        read (HOST_READS)."""
         if host_read not in HOST_READS:
             raise ValueError(f"host_read must be one of {HOST_READS}, got {host_read!r}")
         self.device = tables.device
@@ -55,6 +70,8 @@ class EngramRunner:
         self.conv_states = {lid: layer.new_conv_state(num_slots) for lid, layer in self.layers.items()}
         self.weights: dict[int, ServingWeights] = {}
         self.backends: list[DeviceEngram | NativePrefetcher | Prefetcher] = []
+        if prefetch is None:
+            prefetch = self.device.portable or _core_left_for_prefetch()
         staged = host_read == "staging" and any(tables[lid].placement in HOST_PLACEMENTS for lid in tables.layer_ids)
         if self.device.portable and not staged and DeviceEngram.supports(tables):
             self.backends.append(DeviceEngram(tables, hasher, num_slots, dtype, prefetch))

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reads tables placed in host memory: itself through UVA (zero copy), or rows gathered by CPU "
                    "threads into pinned staging and copied")
     e.add_argument("--cache-rows", type=int, default=0, help="hot-row cache size in rows (0 = off)")
-    e.add_argument("--no-prefetch", action="store_true", help="gather rows inline instead of ahead of the layer")
+    e.add_argument("--no-prefetch", action="store_true", help="gather rows inline instead of ahead of the "
+                   "layer (the default on a CPU whose every core computes: --threads)")
     e.add_argument("--verify-tables", action="store_true", help="check the tables' sha256 at start (slow for "
                    "large tables; file sizes are always checked)")
     s = p.add_argument_group("scheduling")
@@ -198,7 +199,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     engine = EngineConfig(model=args.model, engram=engram, device=args.device, dtype=args.dtype,
                           table_placement=_placement(args), table_dtype=args.table_dtype,
                           engram_host_read=args.engram_host_read, cache_rows=args.cache_rows,
-                          prefetch=not args.no_prefetch, verify_tables=args.verify_tables,
+                          prefetch=False if args.no_prefetch else None, verify_tables=args.verify_tables,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                           enforce_eager=args.enforce_eager, quantization=args.quantization)

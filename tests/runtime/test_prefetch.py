@@ -288,6 +288,23 @@ def test_native_bad_row_is_a_clear_error_and_later_steps_still_run(make_tables, 
 
 
 @needs_native
+@pytest.mark.parametrize("threads, cpus, ahead", [(1, 2, True), (2, 2, False)])
+def test_cpu_rows_are_fetched_ahead_only_with_a_core_left_for_the_worker(make_tables, hasher, monkeypatch,
+                                                                        threads, cpus, ahead):
+    """A prefetch thread beside compute threads on every core deschedules one of them, and every
+    parallel op waits for it: by default the rows are then fetched inline, by the compute threads."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    _, tables = make_tables(placement="host")
+    runner = EngramRunner(serving(hasher, torch.float32)[0], hasher, tables, num_slots=4, dtype=torch.float32)
+    try:
+        assert [type(b) for b in runner.backends] == ([NativePrefetcher, Prefetcher] if ahead else [Prefetcher])
+        assert runner.backends[-1].enabled is ahead
+    finally:
+        runner.close()
+
+
+@needs_native
 def test_runner_sends_decode_steps_to_the_native_worker_and_prefill_to_python(make_tables, hasher):
     """EngramRunner picks the backend per step: decode-size steps over CPU tables without a cache go
     to the native worker, longer steps (and any step when the tables sit behind a cache) to the
@@ -295,7 +312,7 @@ def test_runner_sends_decode_steps_to_the_native_worker_and_prefill_to_python(ma
     layers = serving(hasher, torch.float32)[0]
     for cache_rows, native in ((0, True), (64, False)):
         _, tables = make_tables(cache_rows=cache_rows, placement="host")
-        runner = EngramRunner(layers, hasher, tables, num_slots=4, dtype=torch.float32)
+        runner = EngramRunner(layers, hasher, tables, num_slots=4, dtype=torch.float32, prefetch=True)
         try:
             runner.conv_states[1][2] = 1.0
             prompt = [t % VOCAB for t in range(kernels.SMALL_LINEAR_MAX_ROWS + 1)]
