@@ -37,7 +37,7 @@ class InProcessServer:
         self.ckpt = ckpt
         self.port = free_port()
         self.app = create_app(EngineConfig(engram=str(ckpt), table_placement="mmap", max_model_len=64,
-                                           max_num_seqs=2),
+                                           max_num_seqs=2, prefetch=True),  # a worker to stop, on any cores
                               ServerConfig(port=self.port, engine_iteration_timeout=ITERATION_TIMEOUT))
         self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None))
         self.thread = threading.Thread(target=self.uvicorn.run, name="test-uvicorn", daemon=True)
