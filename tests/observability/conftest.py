@@ -122,9 +122,11 @@ def _require(binary: str) -> None:
         pytest.skip(f"{binary} is not installed (`make system-deps` installs it)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def observed_server(tmp_path_factory):
-    """(server, prometheus, load): all three running until the session ends."""
+    """(server, prometheus, load): all three running until this package's last test (package scope
+    needs the __init__.py beside this file; without it the load ran on through the rest of the
+    suite, taking a core from every later test)."""
     _require(PROMETHEUS)
     ckpt = tmp_path_factory.mktemp("obs-engram") / "tiny"
     engram_init(InitOptions(out=ckpt, rows_per_head=2000, dtype="float32", progress=False))
