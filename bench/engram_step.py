@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--blocks", type=int, default=40)
     p.add_argument("--steps-per-block", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the server's default on 2 cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: the prefetch worker has the other core of two)")
     p.add_argument("--ckpt-dir", type=Path, default=Path.home() / ".cache" / "engram-serve" / "loadtest")
     p.add_argument("--out", type=Path, default=RESULTS / "engram_step.json")
     args = p.parse_args(argv)

@@ -11,8 +11,10 @@ a fresh `engram-init` checkpoint with the same tokens and data order:
    (backward to the token embeddings, no weight gradients), timed side by side.
 
 `python -m bench.train` (the variants of VARIANTS, --tokens each; for a quiet machine),
-`--variants recipe init-0` for some, `--quick` (tiny: checks the script). Writes
-bench/results/train.json and train.png. Held-out figures here come from the bf16 backbone
+`--variants recipe init-0` for some, `--add` to merge them into the runs already in the results
+file (a run's held-out figures depend on its recipe and data order, not on the machine's load,
+so runs made apart compare),
+`--quick` (tiny: checks the script). Writes bench/results/train.json and train.png. Held-out figures here come from the bf16 backbone
 used for training; `make train-default` reports float32 ones.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +41,20 @@ from train.split import CorpusSplit
 from train.trainer import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# name -> changes to the default recipe. Two are not TrainConfig fields: rows_per_head (the
-# table size) and train_on ("stdlib": only the standard library's projects as training text).
+# name -> changes to the default recipe (train.default.RECIPE). Two are not TrainConfig fields:
+# rows_per_head (the table size) and train_on ("stdlib": only the standard library's projects as
+# training text). bench/results/train.json holds the runs that chose the recipe's learning rates.
 VARIANTS: dict[str, dict] = {
     "recipe": {},
-    "stdlib-only": {"train_on": "stdlib"},
+    "lr-before": {"dense_lr": 2e-3, "table_lr": 0.1},  # the recipe's learning rates until 2026-12-07
+    "dense-lr-2e-2": {"dense_lr": 2e-2},
+    "table-lr-0.01": {"table_lr": 0.01},
+    "table-lr-0.1": {"table_lr": 0.1},
     "init-0": {"table_init_scale": 0.0},
     "init-1": {"table_init_scale": 1.0},
     "row-dropout-0.25": {"row_dropout": 0.25},
-    "dense-lr-5e-3": {"dense_lr": 5e-3},
-    "table-lr-0.3": {"table_lr": 0.3},
     "whole-files": {"file_tokens": 0},
+    "stdlib-only": {"train_on": "stdlib"},
 }
 
 
@@ -103,10 +109,24 @@ def run_one(runner, tokenizer, root: Path, name: str, changes: dict, tokens: int
     t0 = time.perf_counter()
     summary = train(cfg, lm, run_split)
     held = [r for r in MetricsLog(out / "metrics.jsonl").read() if r["kind"] == "heldout"]
-    return {"name": name, "changes": {"rows_per_head": rows, **changes}, "tokens": summary["tokens"],
+    return {"name": name, "date": date.today().isoformat(), "changes": {"rows_per_head": rows, **changes},
+            "tokens": summary["tokens"],
             "seconds": time.perf_counter() - t0, "train_tokens_per_s": summary["train_tokens_per_s"],
             "train_projects_read": summary["train_projects_read"], "heldout": summary["heldout"],
             "curve": [{k: r[k] for k in ("tokens", "split", "loss", "rel_gain")} for r in held]}
+
+
+def kept_runs(path: Path, tokens: int, recipe: dict, replaced: set[str]) -> list[dict]:
+    """The runs of an earlier results file that `--add` keeps: those of other names, made with the
+    same recipe and training tokens (the comparison is only fair at both equal)."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    if earlier["tokens_per_run"] != tokens:
+        raise SystemExit(f"--add: {path} has runs of {earlier['tokens_per_run']} tokens, not {tokens}")
+    if earlier["recipe"] != recipe:
+        raise SystemExit(f"--add: {path} has runs of another recipe ({earlier['recipe']})")
+    return [r for r in earlier["runs"] if r["name"] not in replaced]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -142,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     p.add_argument("--tokens", type=int, default=102_400, help="training tokens of each run")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--add", action="store_true",
+                   help="keep the runs of other names already in the results file (same --tokens)")
     args = p.parse_args(argv)
     recipe = dict(RECIPE, eval_every=25, ckpt_every=10_000)
     if args.quick:
@@ -181,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
                        "backbone_fwd_bwd_tokens_per_s": n / t_backbone,
                        "engram_over_backbone_time": t_engram / t_backbone},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = "train_quick" if args.quick else "train"
+    if args.add:
+        result["runs"] = kept_runs(RESULTS / f"{name}.json", args.tokens, recipe, {r["name"] for r in runs}) + runs
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     plot(result, RESULTS / f"{name}.png")
     print(json.dumps({"throughput": result["throughput"],

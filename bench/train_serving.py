@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--blocks", type=int, default=20)
     p.add_argument("--steps-per-block", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the server's default on 2 cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: the prefetch worker has the other core of two)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "engram-serve" / "loadtest")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
