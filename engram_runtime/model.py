@@ -5,6 +5,9 @@ positions `positions[b]` of the sequence living in KV-cache slot `slots[b]`. The
 same code runs prefill (T = prompt chunk), decode (T = 1) and mixed lengths; the
 caller (model_runner) builds positions, the attention mask and the cache view, or,
 for a decode step on the fused kernels (engram_kernels), just slots and positions.
+Where rows differ in length, the batch can be packed (AttentionInputs.packed): the
+token-wise work (matmuls, norms, MLP) then runs on the real tokens only, and only
+attention and the Engram hook, which need each row's positions, see them in [B, T].
 
 Q/K/V and gate/up are fused into single matmuls (fewer, larger GEMMs: on a
 2-core CPU the per-op overhead is a visible share of a decode step).
@@ -58,6 +61,9 @@ class AttentionInputs:
     built once per step instead of converting a bool mask in every layer.
     slots, positions [B]: set for a decode step (T = 1) on a device with the cache attention
     kernel (engram_kernels.triton_attention), which reads each row's slot in place instead.
+    packed [N]: the rows of the flattened [B*T] batch that hold real tokens, when the residual
+    stream holds only those (a prefill of prompts of different lengths, or prompts beside
+    decoding rows: padding is then most of [B, T]); None when it is the whole padded batch.
     """
 
     write_rows: torch.Tensor
@@ -69,6 +75,18 @@ class AttentionInputs:
     sin: torch.Tensor  # signed, see rope_tables
     slots: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    packed: torch.Tensor | None = None
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed rows [N, C] -> [B, T, C], zeros where a row has no token (x itself if unpacked)."""
+        if self.packed is None:
+            return x
+        b, t = self.cos.shape[:2]
+        return x.new_zeros(b * t, x.shape[-1]).index_copy_(0, self.packed, x).view(b, t, -1)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, C] -> its real tokens' rows [N, C] (x itself if unpacked)."""
+        return x if self.packed is None else x.reshape(-1, x.shape[-1]).index_select(0, self.packed)
 
 
 @dataclass
@@ -138,12 +156,14 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, a: AttentionInputs | DecodeInputs) -> torch.Tensor:
-        B, T, _ = x.shape
         qkv = self.wqkv(x)
         if isinstance(a, DecodeInputs):  # in the cache's dtype, the weights' when the kernel is built
+            B, T, _ = x.shape
             qkv = qkv.to(self.k_cache.dtype).view(B, -1, self.head_dim)
             out = kernels.decode_attention(qkv, a.cos, a.sin, self.k_cache, self.v_cache, a.slots, a.positions)
             return self.wo(out.view(B, T, -1))
+        qkv = a.padded(qkv)
+        B, T, _ = qkv.shape
         # RoPE in float32; attention in float32 on the CPU, whose bfloat16 batched matmuls copy
         # strided K/V slices first and are slower than float32, in the cache's dtype elsewhere
         d, cache_dtype = self.head_dim, self.k_cache.dtype
@@ -175,7 +195,7 @@ class Attention(nn.Module):
                                                  enable_gqa=True).transpose(1, 2)
         if a.q_rows is not None:
             out = out[a.q_rows]
-        return self.wo(out.reshape(B, T, -1))
+        return self.wo(a.pack(out.reshape(B, T, -1)))
 
 
 class PackedLinear(nn.Module):
@@ -268,8 +288,11 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: torch.Tensor, a: AttentionInputs | DecodeInputs, engram: EngramHook | None) -> torch.Tensor:
-        if engram is not None and self.layer_id in engram.layer_ids:
-            x = engram(self.layer_id, x)  # Engram memory joins the residual before attention
+        if engram is not None and self.layer_id in engram.layer_ids:  # joins the residual before attention
+            if isinstance(a, AttentionInputs):  # in [B, T], where the hook finds each row's positions
+                x = a.pack(engram(self.layer_id, a.padded(x)))
+            else:
+                x = engram(self.layer_id, x)
         h = self.attention_norm(x, self.attention.wqkv.dtype)
         x, h = kernels.add_rms_norm(x, self.attention(h, a), self.ffn_norm.weight, self.ffn_norm.eps,
                                     self.feed_forward.w13.dtype)
@@ -344,7 +367,9 @@ class Transformer(nn.Module):
         engram: EngramHook | None = None,
     ) -> torch.Tensor:
         """Returns logits [N, vocab] (weights' dtype) for the flat positions `logits_index`
-        of the [B*T] batch (all positions if None)."""
+        of the [B*T] batch, or of its real tokens when `a` is packed (all positions if None)."""
+        if isinstance(a, AttentionInputs) and a.packed is not None:
+            input_ids = input_ids.reshape(-1).index_select(0, a.packed)
         x = self.tok_embeddings(input_ids).float()
         for block in self.layers:
             x = block(x, a, engram)

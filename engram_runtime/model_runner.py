@@ -15,6 +15,7 @@ padded rows of a captured decode graph (cuda_graphs.py) write there.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +108,12 @@ class ModelRunner:
         return AttentionInputs(write_rows, slots, None, kv_len, mask[:, None, None], cos, sin,
                                slots if fast else None, positions if fast else None)
 
-    def attention_inputs(self, chunks: list[Chunk]) -> tuple[torch.Tensor, AttentionInputs | DecodeInputs, torch.Tensor]:
+    def attention_inputs(self, chunks: list[Chunk], pack: bool = False
+                         ) -> tuple[torch.Tensor, AttentionInputs | DecodeInputs, torch.Tensor]:
+        """The forward's inputs for `chunks`: token ids [B, T], attention plumbing, and the rows of
+        the logits to keep (each chunk's last token). pack: where the chunks differ in length, run
+        the token-wise work on their real tokens only (AttentionInputs.packed), the logits rows then
+        counted among those."""
         B = len(chunks)
         lens = [len(c.token_ids) for c in chunks]
         starts = [c.start_pos for c in chunks]
@@ -149,6 +155,9 @@ class ModelRunner:
             cos=self.cos[write_pos].unsqueeze(2),
             sin=self.sin[write_pos].unsqueeze(2),
         )
+        if pack and sum(lens) < B * T:  # built on the host from the lengths: a mask's nonzero() would sync
+            attn.packed = self._index([b * T + i for b, n in enumerate(lens) for i in range(n)])
+            return input_ids, attn, self._index(list(itertools.accumulate(lens))) - 1
         logits_index = torch.arange(B, device=slots.device) * T + lens_t - 1
         return input_ids, attn, logits_index
 
@@ -157,7 +166,7 @@ class ModelRunner:
         """Logits [B, vocab] at each chunk's last token (or [B, T, vocab] with all_logits), in
         the weights' dtype: the sampler converts only the rows that need float32."""
         with self._ops():
-            input_ids, attn, logits_index = self.attention_inputs(chunks)
+            input_ids, attn, logits_index = self.attention_inputs(chunks, pack=not all_logits)
             if all_logits:
                 return self.model(input_ids, attn, None, engram).view(*input_ids.shape, -1)
             return self.model(input_ids, attn, logits_index, engram)

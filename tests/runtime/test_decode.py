@@ -29,6 +29,21 @@ def test_padded_batch_rows_equal_single_rows(runner, prompt_ids):
     assert (batch[1] - alone_b[0]).abs().max().item() <= 1e-4
 
 
+def test_packed_rows_equal_the_padded_batch(runner, prompt_ids):
+    """A step of a decoding row, a continued prompt and a new one: packed, the token-wise work
+    covers the 1 + 8 + 9 real tokens, not 3 rows of 9, with the padded batch's logits."""
+    a, b = prompt_ids[3][:20], prompt_ids[2][:9]
+    runner.forward([Chunk(1, a[:12], 0)])
+    runner.forward([Chunk(0, b, 0)])
+    chunks = [Chunk(0, b[-1:], len(b)), Chunk(1, a[12:], 12), Chunk(2, b, 0)]
+    _, attn, logits_index = runner.attention_inputs(chunks, pack=True)
+    assert attn.packed.tolist() == [0, *range(9, 17), *range(18, 27)] and logits_index.tolist() == [0, 8, 17]
+    packed = runner.forward(chunks)
+    padded = runner.forward(chunks, all_logits=True)  # all_logits never packs
+    rows = torch.stack([padded[0, 0], padded[1, 7], padded[2, 8]])
+    assert (packed - rows).abs().max().item() <= 1e-4
+
+
 def test_scattered_slots_read_by_gather(loaded_model, runner, prompt_ids):
     """Slots far apart (range > 2x batch) take the gather path; same logits."""
     wide = ModelRunner(loaded_model.config, loaded_model.state_dict, torch.float32, 8, 64)
