@@ -13,6 +13,7 @@ server's own error message rather than a timeout.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -42,10 +43,44 @@ def repo_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def ephemeral_ports_start() -> int:
+    """Where the kernel's range of local ports for outgoing connections starts (Linux; 32768,
+    its default, elsewhere: macOS's starts higher)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(host: str = "127.0.0.1", count: int = 1) -> int:
+    """A port from which `count` ports are free (a data-parallel server also binds port + 1 + rank),
+    drawn below the ephemeral range: a port in it can be taken by some client connection's
+    local end between this check and the server's bind."""
+    top = ephemeral_ports_start() - count
+    for _ in range(200):
+        base = random.randrange(10000, top)
+        if all(_bindable(host, port) for port in range(base, base + count)):
+            return base
+    raise OSError(f"no {count} free consecutive ports on {host} in 10000-{top + count - 1}")
+
+
+def ports_needed(cmd: list[str]) -> int:
+    """The ports an engram-serve command binds from --port on: 1 + its data-parallel workers."""
+    for i, arg in enumerate(cmd):
+        if arg == "--data-parallel-size" and i + 1 < len(cmd):
+            return 1 + int(cmd[i + 1])
+        if arg.startswith("--data-parallel-size="):
+            return 1 + int(arg.split("=", 1)[1])
+    return 1
 
 
 class ServerProcess:
@@ -86,7 +121,7 @@ class ServerProcess:
         return self
 
     def launch(self) -> None:
-        self.port = free_port(self.host)
+        self.port = free_port(self.host, ports_needed(self.cmd))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = self.cmd + ["--host", self.host, "--port", str(self.port)]
         with open(self.log_path, "w") as log:
