@@ -278,6 +278,8 @@ class LLMEngine:
         return self.engram.check_health() if self.engram is not None else None
 
     def shutdown(self) -> None:
+        """Stop the loop, abort what is left, close the memory and the device's side-stream worker
+        (restarted on the device's next use, so a device given to the engine stays usable)."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
@@ -289,6 +291,7 @@ class LLMEngine:
         self._drain_inbox()
         if self.engram is not None:
             self.engram.close()
+        self.device.close()
 
     def has_unfinished(self) -> bool:
         with self._lock:

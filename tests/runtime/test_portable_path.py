@@ -111,11 +111,11 @@ def test_a_slow_side_stream_stalls_the_forward_at_the_engram_layer(loaded_model,
     llm = portable_llm(loaded_model, engram=str(memory / "float32"), table_placement="host")
     engram, delay = llm.engine.engram, 0.3
     backend = engram.backends[0]
-    timeline: dict[str, float | str] = {}
+    timeline: dict[str, float | threading.Thread] = {}
     hash_step, submit = backend.hasher.step, engram.submit
 
     def slow_hash(*args):
-        timeline["side"] = threading.current_thread().name
+        timeline["side"] = threading.current_thread()
         time.sleep(delay)
         return hash_step(*args)
 
@@ -140,7 +140,8 @@ def test_a_slow_side_stream_stalls_the_forward_at_the_engram_layer(loaded_model,
 
     backend.hasher.step, engram.submit = slow_hash, timed_submit
     llm.generate([prompt_ids[1]], SamplingParams(max_tokens=1, temperature=0))
-    assert timeline["side"] == "engram-side-stream"
+    assert timeline["side"].name == "engram-side-stream"
     assert timeline["asked"] - timeline["submitted"] < delay / 2  # layer 0 ran while the side stream slept
     assert timeline["got"] - timeline["submitted"] >= 0.9 * delay  # and the forward waited at layer 1
     llm.engine.shutdown()
+    assert not timeline["side"].is_alive()  # the engine's shutdown ends its device's worker
