@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from bench import load_before_run
-from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.engine_config import EngineConfig
+from engram_runtime.engine import LLMEngine
 from engram_runtime.sampling import SamplingParams
 from engram_runtime.weights import load_model
 from loadtest.checkpoints import create_checkpoint, vocab_for_table_gb

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import median_seconds, write_result
-from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.engine_config import EngineConfig
+from engram_runtime.engine import LLMEngine
 from engram_runtime.model import PackedLinear
 from engram_runtime.model_runner import parse_dtype
 from engram_runtime.sampling import SamplingParams

@@ -29,7 +29,8 @@ import torch
 
 import engram_kernels as kernels
 from bench import load_before_run, median_seconds, write_result
-from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.engine_config import EngineConfig
+from engram_runtime.engine import LLMEngine
 from engram_runtime.llm import LLM
 from engram_runtime.model import PackedLinear, linear_sources
 from engram_runtime.model_runner import Chunk

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.engine_config import EngineConfig
+from engram_runtime.engine import LLMEngine
 from engram_runtime.sampling import SamplingParams
 from engram_runtime.sequence import RequestOutput
 from engram_runtime.weights import LoadedModel

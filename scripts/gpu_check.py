@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from bench.synthetic import engram_config, engram_memory, random_model  # noqa: E402
 from engram_runtime.cuda_graphs import DecodeGraphs  # noqa: E402
-from engram_runtime.engine import EngineConfig, LLMEngine  # noqa: E402
+from engram_runtime.engine_config import EngineConfig  # noqa: E402
+from engram_runtime.engine import LLMEngine  # noqa: E402
 from engram_runtime.sampling import SamplingParams  # noqa: E402
 from offload.device import ComputeDevice  # noqa: E402
 

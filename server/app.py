@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engram_runtime.engine import EngineConfig
+from engram_runtime.engine_config import EngineConfig
 
 from server import health
 from server.chat import create_chat_completion

@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from engram_runtime.engine import EngineConfig
+from engram_runtime.engine_config import EngineConfig
 from offload.shared import DIR_ENV as SHARED_DIR_ENV
 from offload.shared import drop_unused
 from offload.store import PLACEMENTS

@@ -32,7 +32,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from engram_runtime.engine import EngineConfig
+from engram_runtime.engine_config import EngineConfig
 
 from server.app import create_app
 from server.config import ServerConfig

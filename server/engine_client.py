@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import AsyncIterator
 
-from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.engine_config import EngineConfig
+from engram_runtime.engine import LLMEngine
 from engram_runtime.sampling import SamplingParams
 
 from server.config import ServerConfig

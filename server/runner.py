@@ -16,7 +16,7 @@ import signal
 
 import uvicorn
 
-from engram_runtime.engine import EngineConfig
+from engram_runtime.engine_config import EngineConfig
 
 from server.app import create_app
 from server.config import ServerConfig

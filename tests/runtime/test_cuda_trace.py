@@ -15,7 +15,8 @@ from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
 from engram_runtime.checkpoint_init import InitOptions, engram_init
 from engram_runtime.device_engram import DeviceEngram
-from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.engine_config import EngineConfig
+from engram_runtime.engine import LLMEngine
 from engram_runtime.model_runner import Chunk, ModelRunner
 from engram_runtime.prefetch import Prefetcher
 from engram_runtime.sampling import SamplingParams, sample

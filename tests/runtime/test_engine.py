@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.engine_config import EngineConfig
+from engram_runtime.engine import LLMEngine
 from engram_runtime.sampling import SamplingParams
 
 TIMEOUT = 120

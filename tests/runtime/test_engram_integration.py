@@ -7,7 +7,8 @@ import torch
 
 import engram_kernels as kernels
 from engram_runtime.checkpoint import default_config, init_checkpoint
-from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.engine_config import EngineConfig
+from engram_runtime.engine import LLMEngine
 from engram_runtime.llm import LLM
 from engram_runtime.model_runner import Chunk
 from engram_runtime.sampling import SamplingParams

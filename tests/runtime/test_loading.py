@@ -8,7 +8,8 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
-from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.engine_config import EngineConfig
+from engram_runtime.engine import LLMEngine
 from engram_runtime.model_runner import ModelRunner, Chunk
 from engram_runtime.weights import ModelLoadError, load_model, load_weights
 

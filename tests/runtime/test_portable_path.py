@@ -15,7 +15,8 @@ import torch
 from engram_runtime.checkpoint_init import InitOptions, engram_init
 from engram_runtime.cuda_graphs import DecodeGraphs, capture_sizes
 from engram_runtime.device_engram import DeviceEngram
-from engram_runtime.engine import EngineConfig, LLMEngine
+from engram_runtime.engine_config import EngineConfig
+from engram_runtime.engine import LLMEngine
 from engram_runtime.llm import LLM
 from engram_runtime.prefetch import Prefetcher
 from engram_runtime.sampling import SamplingParams

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import uvicorn
 
-from engram_runtime.engine import EngineConfig
+from engram_runtime.engine_config import EngineConfig
 from engram_runtime.prefetch import Prefetcher
 from loadtest.process import free_port
 from server.app import create_app
