@@ -38,7 +38,7 @@ def _servers(engram_ckpt, tmp_path_factory):
                          logs / "engram-serve.log")
     # One running sequence and a queue of one reach the limits with three requests; no Engram,
     # so the metrics must be complete without tables too.
-    small = ServerProcess(engram_serve_cmd(["--no-engram", "--max-model-len", "64", "--max-num-seqs", "1",
+    small = ServerProcess(engram_serve_cmd(["--no-engram", "--max-model-len", "256", "--max-num-seqs", "1",
                                             "--max-queue", "1", "--shutdown-timeout", "60"]),
                           logs / "engram-serve-small.log")
     for srv in (main, small):

@@ -17,7 +17,9 @@ from server_metrics import metric, scrape
 
 pytestmark = pytest.mark.slow
 
-LONG = {"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+# Long enough (seconds on 2 cores) that it is still running when the next request or signal lands,
+# however fast the machine: a 40-token one once finished within the drain test's first 0.3 s.
+LONG = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
 
 
 def _stream_until_first_token(client: httpx.Client, body: dict):
@@ -86,13 +88,14 @@ def test_sigterm_drains_then_exits(small_server):
     while metric(scrape(c), "engram_serve_num_requests_running") < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     small_server.signal(signal.SIGTERM)
-    time.sleep(0.3)
-    health = c.get("/health")
+    deadline = time.monotonic() + 10
+    while (health := c.get("/health")).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the signal handler has run
     assert health.status_code == 503 and health.json()["status"] == "draining"
     refused = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
     inflight.join(60)
     r = results["r"]
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == LONG["max_tokens"]
     assert small_server.proc.wait(30) == 0
     c.close()
