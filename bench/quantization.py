@@ -2,8 +2,8 @@
 
 Two questions decide what ``--quantization auto`` serves (engram_runtime/quantization.py):
 
-- kernel: is the block kernel (block_linear) faster than oneDNN's packed dense matmul for the
-  model's own matmuls, and up to how many rows? Each matmul kind (wqkv, wo, w13, w2, output)
+- kernel: are the block kernels (block_linear; block_linear_bf16 where the CPU has AVX-512 BF16)
+  faster than oneDNN's packed dense matmul for the model's own matmuls, and up to how many rows? Each matmul kind (wqkv, wo, w13, w2, output)
   runs over every layer's weight in turn, so the weights stream from memory as in a decode
   step, not from a cache a loop over one weight would keep warm. Variants alternate per round.
 - quality: what the blocks change against the dense float32 weights (quantization none):
@@ -81,34 +81,37 @@ def kernel(loaded: LoadedModel, rows_list: list[int], rounds: int, reps: int) ->
             x32 = torch.randn(rows, k)
             xs = {"bfloat16": x32.to(torch.bfloat16), "float32": x32}
 
-            def run_blocks(x=xs["bfloat16"]):
-                for n in names:
-                    b = blocks[n]
-                    kernels.block_linear(x, b.qs, b.scales, b.mins, b.bits)
+            def run_blocks(matmul):
+                x = xs["bfloat16"]
+                return lambda: [matmul(x, b.qs, b.scales, b.mins, b.bits) for b in (blocks[n] for n in names)]
 
             def run_dense(dtype: str):
                 mods, x = variants[dtype], xs[dtype]
                 return lambda: [mods[n](x) for n in names]
 
-            fns = {"blocks": run_blocks, "bfloat16": run_dense("bfloat16"), "float32": run_dense("float32")}
+            fns = {"blocks": run_blocks(kernels.block_linear), "bfloat16": run_dense("bfloat16"),
+                   "float32": run_dense("float32")}
+            if kernels.block_linear_bf16_fast():
+                fns["blocks_bf16"] = run_blocks(kernels.block_linear_bf16)
             times: dict[str, list[float]] = {v: [] for v in fns}
             for _ in range(rounds):  # alternated, so drift hits every variant alike
                 for v, fn in fns.items():
                     times[v].append(median_seconds(fn, reps) * 1e3)
             row = {v: statistics.median(t) for v, t in times.items()}
-            row["blocks_vs_bfloat16"] = row["bfloat16"] / row["blocks"]
-            row["blocks_vs_float32"] = row["float32"] / row["blocks"]
-            out[kind][str(rows)] = row
-            print(kind, rows, {v: round(t, 3) for v, t in row.items()}, flush=True)
+            out[kind][str(rows)] = row | speedups(row)
+            print(kind, rows, {v: round(t, 3) for v, t in out[kind][str(rows)].items()}, flush=True)
     totals = {}
     for rows in rows_list:
-        tot = {v: sum(out[kind][str(rows)][v] for kind in KINDS) for v in ("blocks", "bfloat16", "float32")}
-        tot["blocks_vs_bfloat16"] = tot["bfloat16"] / tot["blocks"]
-        tot["blocks_vs_float32"] = tot["float32"] / tot["blocks"]
-        totals[str(rows)] = tot
+        tot = {v: sum(out[kind][str(rows)][v] for kind in KINDS) for v in times}
+        totals[str(rows)] = tot = tot | speedups(tot)
         print("all matmuls", rows, {v: round(t, 3) for v, t in tot.items()}, flush=True)
     out["all"] = totals
     return out
+
+
+def speedups(ms: dict[str, float]) -> dict[str, float]:
+    """Each block kernel's speed-up over each dense copy, from ms per variant."""
+    return {f"{b}_vs_{d}": ms[d] / ms[b] for b in ("blocks", "blocks_bf16") if b in ms for d in ("bfloat16", "float32")}
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:

@@ -6,9 +6,10 @@ job in one pass: decode attention with RoPE and the KV-cache write, RMSNorm (wit
 residual add before it) straight into the next matmul's dtype, SiLU-and-multiply, an Engram
 layer's gate and short conv for a decode step, the N-gram hash of every layer, a table's
 gather-and-decode, the projection of a decode step's rows, and a decode step's matmul with a
-weight held in llama.cpp's quantised blocks (block_linear). Engram's calls run mid-
-forward with caches the backbone's weights have just flushed, where a native call costs a
-fraction of the torch ops it replaces. The module also holds the native prefetch worker,
+weight held in llama.cpp's quantised blocks (block_linear; block_linear_bf16 with bfloat16
+dot products for a few rows in bfloat16). Engram's calls run mid-forward with caches the
+backbone's weights have just flushed, where a native call costs a fraction of the torch ops it
+replaces. The module also holds the native prefetch worker,
 ``native().RowPrefetcher`` (csrc/row_prefetch.cpp, made by ``row_prefetcher``), a thread
 that hashes, gathers and projects a decode step's rows without the GIL, and the counters it
 keeps for the table statistics (``native().TableCounters``). Structures cross into C++ as
@@ -250,6 +251,18 @@ def block_linear(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, mins: 
     """x [M, K] @ W.T, float32 out, for a weight W [N, K] in 32-value blocks of `bits` (4 or 8) bits
     (native only; engram_runtime/quantization.py has the blocks and their torch dequantisation)."""
     return native().block_linear(x, qs, scales, mins, bits)
+
+
+def block_linear_bf16(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                      bits: int) -> torch.Tensor:
+    """block_linear with the dense bfloat16 copy's arithmetic (the weight's values and x rounded to
+    bfloat16, float32 sums) in AVX-512 BF16 dot products: native, where block_linear_bf16_fast()."""
+    return native().block_linear_bf16(x, qs, scales, mins, bits)
+
+
+def block_linear_bf16_fast() -> bool:
+    """Whether block_linear_bf16 was built (a CPU with AVX-512 BF16)."""
+    return native() is not None and native().block_linear_bf16_built()
 
 
 def block_linear_fast() -> bool:

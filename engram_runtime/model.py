@@ -33,6 +33,9 @@ from engram_runtime.quantization import BlockWeight
 # copy's dtype: where the block kernel's per-row arithmetic overtakes the bytes it saves
 # (docs/performance.md, "Quantized weights")
 QUANTIZED_MAX_ROWS = {torch.bfloat16: 3, torch.float32: 6}
+# The same for a bfloat16 copy where steps of 2 rows or more read the blocks with bfloat16 dot
+# products (AVX-512 BF16)
+BF16_DOT_MAX_ROWS = 8
 
 
 class EngramHook(Protocol):
@@ -228,14 +231,18 @@ class QuantizedLinear(nn.Module):
     (prefill, large decode batches) are compute-bound, and oneDNN's packed matmul of the dense
     copy, made from the same dequantised values, is several times faster there than any kernel
     that decodes blocks (docs/performance.md). Elsewhere (no native kernels, the portable path)
-    it is the dense copy."""
+    it is the dense copy. A bfloat16 copy on a CPU with AVX-512 BF16 reads the blocks of a step
+    of 2 rows or more with bfloat16 dot products (block_linear_bf16): the dense copy's arithmetic
+    at a third of the float32 kernel's cost per row, so the blocks pay up to more rows. One row
+    stays with the float32 kernel, which decodes a block in fewer instructions."""
 
-    def __init__(self, dense: PackedLinear, blocks: BlockWeight, max_rows: int):
+    def __init__(self, dense: PackedLinear, blocks: BlockWeight):
         super().__init__()
         if dense.bias is not None or blocks.shape != tuple(dense.weight.shape):
             raise ValueError(f"blocks of shape {blocks.shape} for a linear of {tuple(dense.weight.shape)} with bias")
-        self.dense, self.blocks, self.max_rows = dense, blocks, max_rows
-        self.dtype = dense.dtype
+        self.dense, self.blocks, self.dtype = dense, blocks, dense.dtype
+        self.bf16_dot = self.dtype == torch.bfloat16 and kernels.block_linear_bf16_fast()
+        self.max_rows = BF16_DOT_MAX_ROWS if self.bf16_dot else QUANTIZED_MAX_ROWS.get(self.dtype, 0)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -247,7 +254,8 @@ class QuantizedLinear(nn.Module):
         if rows > self.max_rows or not kernels.enabled(x):
             return self.dense(x)
         b = self.blocks
-        out = kernels.block_linear(x.reshape(rows, k), b.qs, b.scales, b.mins, b.bits)
+        matmul = kernels.block_linear_bf16 if self.bf16_dot and rows > 1 else kernels.block_linear
+        out = matmul(x.reshape(rows, k), b.qs, b.scales, b.mins, b.bits)
         return out.to(self.dtype).view(*x.shape[:-1], out.shape[-1])
 
 
@@ -334,7 +342,7 @@ class Transformer(nn.Module):
             dense = PackedLinear(weight, pack)
             if name not in blocks:
                 return dense
-            return QuantizedLinear(dense, blocks[name], QUANTIZED_MAX_ROWS.get(dense.dtype, 0))
+            return QuantizedLinear(dense, blocks[name])
 
         for i, block in enumerate(self.layers):
             att, ff = block.attention, block.feed_forward

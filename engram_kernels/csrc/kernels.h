@@ -42,6 +42,9 @@ at::Tensor gather_rows(const at::Tensor& table, const at::Tensor& rows, at::Scal
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                         const std::optional<at::Tensor>& mins, int64_t bits);
+at::Tensor block_linear_bf16(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& mins, int64_t bits);
+bool block_linear_bf16_built();
 std::string block_linear_isa();
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool parallel);
 

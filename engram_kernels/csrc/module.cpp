@@ -61,6 +61,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_rows", &engram_kernels::gather_rows, nogil);
   m.def("small_linear", &engram_kernels::small_linear, nogil);
   m.def("block_linear", &engram_kernels::block_linear, nogil);
+  m.def("block_linear_bf16", &engram_kernels::block_linear_bf16, nogil);
+  m.def("block_linear_bf16_built", &engram_kernels::block_linear_bf16_built);
   m.def("block_linear_isa", &engram_kernels::block_linear_isa);
 
   using engram_kernels::PrefetchTicket, engram_kernels::RowPrefetcher, engram_kernels::TableCounters;

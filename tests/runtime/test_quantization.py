@@ -9,8 +9,11 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize as gguf_quantize
 
 import engram_kernels as kernels
+from engram_runtime.engine import LLMEngine
+from engram_runtime.engine_config import EngineConfig
 from engram_runtime.llm import LLM
-from engram_runtime.model import QuantizedLinear, linear_sources
+from engram_runtime.model import BF16_DOT_MAX_ROWS, QuantizedLinear, linear_sources
+from engram_runtime.model_runner import Chunk
 from engram_runtime.quantization import cat_rows, from_gguf, linear_blocks, quantize
 from engram_runtime.sampling import SamplingParams
 
@@ -56,11 +59,29 @@ def test_block_linear_is_the_matmul_of_the_dequantized_weight(mode, rows, dtype,
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
+def needs_bf16_dot():
+    if not kernels.block_linear_bf16_fast():
+        pytest.skip("block_linear_bf16 needs a CPU with AVX-512 BF16")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 5, 16, 19])  # 19: past the kernel's 16 rows per pass over the weight
+def test_block_linear_bf16_is_the_dense_bfloat16_matmul(mode, rows):
+    needs_bf16_dot()
+    g = torch.Generator().manual_seed(rows)
+    blocks = quantize(torch.randn(200, 576, generator=g), mode)
+    x = torch.randn(rows, 576, generator=g)
+    expected = x.bfloat16().float() @ blocks.dequantize().bfloat16().float().T
+    got = kernels.block_linear_bf16(x, blocks.qs, blocks.scales, blocks.mins, blocks.bits)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
 def test_the_block_kernel_is_built_for_this_cpus_vector_unit():
     """-march=native: AVX-512 where the CPU has it, else AVX2 with FMA, else the plain loop."""
     flags = kernels.cpu_flags()
     expected = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "generic"
     assert kernels.native().block_linear_isa() == expected
+    assert kernels.block_linear_bf16_fast() == ("avx512_bf16" in flags)
 
 
 def test_fused_and_reordered_blocks_keep_their_rows():
@@ -122,3 +143,28 @@ def test_a_model_quantized_to_int8_decodes_close_to_its_float_weights(loaded_mod
     params = SamplingParams(max_tokens=8, temperature=0)
     got = [float_only.generate([p], params)[0].token_ids for p in prompt_ids]
     assert [t[:4] for t in got] == [t[:4] for t in greedy("none")][: len(got)]
+
+
+def test_bfloat16_steps_of_a_few_rows_read_the_blocks_as_the_dense_copy_would(loaded_model, prompt_ids,
+                                                                             monkeypatch):
+    """A decode step of a few rows in bfloat16 reads the blocks (block_linear_bf16), with the dense bfloat16
+    copy's arithmetic: its logits stray from float32's as far as the dense copy's do. (Not further: each
+    matmul's output is rounded to bfloat16, so a different order of sums flips roundings that 30 layers
+    carry on, and the two bfloat16 paths do not agree more closely than that.)"""
+    needs_bf16_dot()
+    rows = []
+    real = kernels.block_linear_bf16
+    monkeypatch.setattr(kernels, "block_linear_bf16", lambda x, *a: rows.append(len(x)) or real(x, *a))
+    prompts = [p for p in prompt_ids if len(p) > 1][:4]
+
+    def decode_logits(quantization: str, dtype: str) -> torch.Tensor:
+        runner = LLMEngine(EngineConfig(quantization=quantization, dtype=dtype, max_num_seqs=4, max_model_len=64),
+                           loaded_model).runner
+        runner.forward([Chunk(i, p[:-1], 0) for i, p in enumerate(prompts)])
+        return runner.forward([Chunk(i, p[-1:], len(p) - 1) for i, p in enumerate(prompts)]).float()
+
+    dense, dense32 = decode_logits("none", "bfloat16"), decode_logits("none", "float32")
+    assert not rows
+    blocks = decode_logits("auto", "bfloat16")
+    assert set(rows) == {len(prompts)} and 2 <= len(prompts) <= BF16_DOT_MAX_ROWS
+    assert (blocks - dense32).abs().mean() < 1.5 * (dense - dense32).abs().mean()
