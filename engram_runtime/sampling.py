@@ -63,7 +63,13 @@ class SampleResult:
     extra: list[list[float]] | None = None  # per row: the `extra` columns handed to sample()
 
 
-_ARGMAX_BLOCK = 1024
+_BLOCK = 1024  # values per block of a row, for argmax and inverse_cdf on the CPU
+
+
+def _blocked(x: torch.Tensor) -> bool:
+    """Whether a [B, V] row-wise scan of x runs by blocks: on the CPU, for rows of whole blocks."""
+    v = x.shape[-1]
+    return x.device.type == "cpu" and v % _BLOCK == 0 and v >= 4 * _BLOCK
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -73,11 +79,34 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     scalar loop while amax vectorises. So: each block's amax, the first block holding the row's
     maximum, and the index reduction inside that block only."""
     b, v = logits.shape
-    if logits.device.type != "cpu" or v % _ARGMAX_BLOCK or v < 4 * _ARGMAX_BLOCK:
+    if not _blocked(logits):
         return logits.max(dim=-1).indices
-    blocks = logits.reshape(b, v // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    blocks = logits.reshape(b, v // _BLOCK, _BLOCK)
     best = blocks.amax(dim=-1).max(dim=-1).indices  # [B]
-    return best * _ARGMAX_BLOCK + blocks[torch.arange(b), best].max(dim=-1).indices
+    return best * _BLOCK + blocks[torch.arange(b), best].max(dim=-1).indices
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [R, V] (non-negative, any total), u [R] float64 in [0, 1) -> [R]: the first index whose
+    running sum reaches u * the row's total.
+
+    On the CPU not a cumulative sum of the whole row, a sequential scan there: each block's sum,
+    the block where the running sum of those reaches the target, and the scan inside that block
+    only (running sums in float64)."""
+    r, v = probs.shape
+    if not _blocked(probs):
+        cdf = probs.cumsum(dim=-1)
+        target = (u * cdf[:, -1].double()).to(cdf.dtype)
+        return torch.searchsorted(cdf, target[:, None]).squeeze(1).clamp_(max=v - 1)
+    blocks = probs.view(r, v // _BLOCK, _BLOCK)
+    sums = blocks.sum(dim=-1).double()
+    ends = sums.cumsum(dim=-1)
+    target = u * ends[:, -1]
+    block = torch.searchsorted(ends, target[:, None]).clamp_(max=ends.shape[1] - 1)  # [R, 1]
+    start = ends.gather(1, block) - sums.gather(1, block)
+    inside = blocks[torch.arange(r), block.squeeze(1)].double().cumsum(dim=-1)
+    pick = torch.searchsorted(inside, target[:, None] - start).squeeze(1).clamp_(max=_BLOCK - 1)
+    return block.squeeze(1) * _BLOCK + pick
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
@@ -92,8 +121,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = torch.tensor(rows, device=device)
-        temp = torch.tensor([params[i].temperature for i in rows], device=device)
-        scaled = logits.index_select(0, idx).float() / temp[:, None]
+        temps = [params[i].temperature for i in rows]
+        scaled = (logits if len(rows) == len(params) else logits.index_select(0, idx)).float()
+        if any(t != 1.0 for t in temps):
+            scaled = scaled / torch.tensor(temps, device=device)[:, None]
         top_k = [params[i].top_k for i in rows]
         top_p = [params[i].top_p for i in rows]
         order = None
@@ -107,14 +138,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             probs = probs.masked_fill(before >= torch.tensor(top_p, device=device)[:, None], 0.0)
         else:
             probs = scaled.softmax(dim=-1)
-        cdf = probs.cumsum(dim=-1)
         u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64) for i in rows]).to(device)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]).squeeze(1)
-        pick = pick.clamp_(max=cdf.shape[-1] - 1)
-        # never pick a zero-probability token because of float rounding at the CDF edge
+        pick = inverse_cdf(probs, u)
+        # never pick a zero-probability token because of float rounding at the CDF edge: take the
+        # likeliest instead, the first of the sorted order or the row's argmax
         zero = probs.gather(1, pick[:, None]).squeeze(1) <= 0
-        pick = torch.where(zero, probs.argmax(dim=-1), pick)
-        tokens.index_copy_(0, idx, order.gather(1, pick[:, None]).squeeze(1) if order is not None else pick)
+        if order is not None:
+            pick = order.gather(1, torch.where(zero, 0, pick)[:, None]).squeeze(1)
+        else:
+            pick = torch.where(zero, tokens.index_select(0, idx), pick)
+        tokens.index_copy_(0, idx, pick)
     lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     top_n = max([params[i].logprobs for i in lp_rows], default=0)
     columns = [tokens[:, None].double()]

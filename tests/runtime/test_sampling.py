@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engram_runtime.sampling import SamplingParams, argmax, sample
+from engram_runtime.sampling import SamplingParams, argmax, inverse_cdf, sample
 
 
 def draw(logits, params, n, seed=0):
@@ -32,6 +32,21 @@ def test_blocked_argmax_is_the_first_maximum(dtype, vocab):
                              else int(row.isnan().nonzero()[0]) for row in logits.float()])
     assert torch.equal(argmax(logits), expected)
     assert torch.equal(argmax(logits), logits.max(dim=-1).indices)
+
+
+@pytest.mark.parametrize("vocab", [49152, 5000])  # blocked (SmolLM2's), and the plain cumulative sum
+def test_inverse_cdf_picks_where_the_running_sum_reaches_the_draw(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    probs = torch.rand(8, vocab, generator=g) ** 4
+    probs[1, : vocab // 2] = 0.0  # mass only in the second half
+    probs[2:4] = 0.0
+    probs[2:4, [3, vocab - 2]] = 1.0  # two tokens, far apart: u (0.25, 0.75) decides between them
+    u = torch.tensor([0.0, 0.3, 0.25, 0.75, 0.5, 0.999999, 0.1, 0.9], dtype=torch.float64)
+    cdf = probs.double().cumsum(dim=-1)
+    expected = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
+    got = inverse_cdf(probs, u)
+    assert got[1] >= vocab // 2 and got[2] == 3 and got[3] == vocab - 2
+    assert torch.equal(got, expected)  # as a float64 running sum of the whole row would pick
 
 
 def test_top_k_and_top_p_filter():
